@@ -1,0 +1,149 @@
+"""Hydra composition outside and inside @hydra.main, with errors turned into ConfigError.
+
+Two uses:
+- `preflight(argv)` runs before Hydra takes over: it composes and validates every member of the
+  command (each sweep combination too), so a typo fails with exit code 2 before the first member
+  trains, instead of Hydra's generic exit 1 or a failure halfway through a sweep.
+- `compose_run_config(overrides)` composes one member, e.g. each link of a chain (SFT → DPO).
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import nullcontext
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import PACKAGE_DIR, ConfigError, RunConfig, to_run_config
+from .validation import validate
+
+
+def _conf_dir() -> Path:
+    installed = PACKAGE_DIR / "conf"  # a wheel ships conf/ inside the package
+    return installed if (installed / "config.yaml").exists() else PACKAGE_DIR.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
+CONFIG_NAME = "config"
+# Hydra flags after which the next argument is a value, not an override.
+_FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                     "--experimental-rerun", "-c", "--cfg", "-p", "--package"}
+# With these, Hydra prints something instead of running; leave them to Hydra.
+_INFORMATIONAL = {"-h", "--help", "-hh", "--hydra-help", "--info", "-i", "--cfg", "-c", "-sc",
+                  "--shell-completion", "--version"}
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    groups = set(config_groups())
+    for override in OverridesParser.create().parse_overrides(overrides):
+        group = override.key_or_group
+        if group not in groups or override.is_delete():
+            continue
+        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                  else [override.get_value_element_as_str()])
+        for value in values:
+            if value not in group_options(group) and value != "null":
+                raise ConfigError(f"{group}={value} is not an option of config group '{group}'. "
+                                  f"Valid options: {', '.join(group_options(group))}.")
+
+
+def _composer():
+    """Reuse the Hydra instance @hydra.main set up; otherwise initialise one for this call."""
+    if GlobalHydra.instance().is_initialized():
+        return nullcontext()
+    return initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="alignment")
+
+
+def compose_run_config(overrides: list[str]) -> RunConfig:
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    _check_group_choices(overrides)
+    try:
+        with _composer():
+            cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_first_sentence(err)) from None
+    return to_run_config(cfg)
+
+
+def _first_sentence(err: Exception) -> str:
+    text = str(err).strip()
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        text = f"{text}: {str(cause).strip()}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
+        ("full_key", "object_type", "reference_type"))]
+    return " ".join(lines[:3])
+
+
+def cli_overrides(argv: list[str]) -> list[str] | None:
+    """The overrides in a command line, or None when Hydra will only print information."""
+    overrides, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg in _INFORMATIONAL:
+            return None
+        if arg in _FLAGS_WITH_VALUE:
+            skip_next = True
+            continue
+        if arg.startswith("-"):
+            continue
+        overrides.append(arg)
+    return overrides
+
+
+def sweep_members(overrides: list[str]) -> list[list[str]]:
+    """Every combination of a --multirun command's sweeps, each as a plain override list."""
+    choices = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            key = override.input_line.split("=", 1)[0]
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    return [list(member) for member in itertools.product(*choices)]
+
+
+def stage_chosen(overrides: list[str]) -> bool:
+    """`stage=...` on the command line means: run that stage alone, even if the experiment chains stages."""
+    return any(o.split("=", 1)[0].lstrip("+") == "stage" for o in overrides)
+
+
+def link_overrides(cfg: RunConfig, user_overrides: list[str]) -> list[list[str]]:
+    """Override lists of the chain's links: the link's own first, then the user's (which win)."""
+    if not cfg.chain or stage_chosen(user_overrides):
+        return []
+    return [[*link, *user_overrides, "chain=[]"] for link in cfg.chain]
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate every member (and every chain link) a command would run."""
+    overrides = cli_overrides(argv)
+    if overrides is None:
+        return
+    try:
+        members = sweep_members(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the command line: {_first_sentence(err)}") from None
+    for member in members:
+        cfg = compose_run_config(member)
+        links = link_overrides(cfg, member)
+        if not links:
+            validate(cfg)
+            continue
+        for index, link in enumerate(links):
+            validate(compose_run_config(link), parent_created_by_chain=index > 0)

@@ -1,0 +1,212 @@
+"""The typed run object.
+
+Hydra composes YAML from `conf/` onto these dataclasses (registered in the ConfigStore as `run_schema`,
+the first entry of the root defaults list), so a typo in a key or a wrong type fails at composition.
+`to_run_config` turns the composed DictConfig into one frozen `RunConfig` that every module receives;
+`validate` checks what types cannot (ranges, stage/data agreement, paths) before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+FIXTURES_DIR = PACKAGE_DIR / "fixtures"
+
+
+class ConfigError(Exception):
+    """Bad user input: the entrypoint prints the message and exits with code 2, before any weights load."""
+
+
+class _Frozen:
+    """Mutable while OmegaConf builds the object, read-only once `freeze` has run.
+
+    Hydra cannot merge into `dataclass(frozen=True)` schemas, so immutability is added after conversion.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise dataclasses.FrozenInstanceError(f"RunConfig is read-only: cannot set {name!r}")
+        object.__setattr__(self, name, value)
+
+
+def freeze(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, list):
+                object.__setattr__(obj, f.name, tuple(freeze(v) for v in value))
+            else:
+                freeze(value)
+        object.__setattr__(obj, "_frozen", True)
+    elif isinstance(obj, list):
+        return tuple(freeze(v) for v in obj)
+    return obj
+
+
+@dataclass
+class ArchitectureConfig(_Frozen):
+    model_type: str = MISSING
+    hidden_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    intermediate_size: int = MISSING
+    vocab_size: int = MISSING
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    sliding_window: Optional[int] = None
+
+
+@dataclass
+class TokenizerConfig(_Frozen):
+    pad_token: Optional[str] = None
+    padding_side: str = "right"
+    # "chatml": our ChatML template (with generation markers); null: the tokenizer's own template.
+    chat_template: Optional[str] = None
+
+
+@dataclass
+class ModelConfig(_Frozen):
+    name: str = MISSING
+    name_or_path: str = MISSING
+    tiny: bool = False
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class StageConfig(_Frozen):
+    name: str = MISSING
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    logging_steps: int = 1
+    eval_steps: Optional[int] = None
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    packing: bool = False
+    assistant_only_loss: bool = False
+    loss_type: str = "sigmoid"
+
+
+@dataclass
+class DatasetConfig(_Frozen):
+    name: str = MISSING
+    format: str = MISSING
+    path: str = MISSING
+    train_split: str = "train"
+    eval_split: Optional[str] = None
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+
+
+@dataclass
+class BackendConfig(_Frozen):
+    name: str = "single"
+    device: str = "auto"
+    mixed_precision: str = "auto"
+
+
+@dataclass
+class PeftConfig(_Frozen):
+    method: str = "none"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class RunConfig(_Frozen):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    experiment: Optional[str] = None
+    beta: float = 0.1
+    learning_rate: float = MISSING
+    seed: int = 42
+    dry_run: bool = False
+    resume: bool = False
+    offline: bool = False
+    run_dir: Optional[str] = None
+    run_name: Optional[str] = None
+    parent_run: Optional[str] = None
+    chain: list[list[str]] = field(default_factory=list)
+
+
+STAGES = ("sft", "dpo")
+DATASET_FORMAT_FOR_STAGE = {"sft": "chat", "dpo": "preference"}
+
+
+def register_schema() -> None:
+    store = ConfigStore.instance()
+    schema = OmegaConf.structured(RunConfig)
+    store.store(name="run_schema", node=schema)
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("fixture"):
+        # `${fixture:tiny_ultrachat}` → the fixture shipped inside the package, wherever it is installed.
+        OmegaConf.register_new_resolver("fixture", lambda name: str(FIXTURES_DIR / name))
+
+
+_register_resolvers()
+register_schema()
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Composed DictConfig → frozen RunConfig; missing or ill-typed values become ConfigError."""
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, cfg)
+        run_config = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as err:
+        key = err.full_key or "?"
+        raise ConfigError(
+            f"{key} is mandatory and has no value. Set it on the command line, e.g. `{key}=...`, "
+            f"or pick a config group option that provides it."
+        ) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid configuration at {err.full_key or '?'}: {err.msg}") from None
+    return freeze(run_config)
+
+
+def as_dict(run_config: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), for YAML/JSON writing."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    def convert(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, (list, tuple)):
+            return [convert(v) for v in obj]
+        return plain(obj)
+
+    return convert(run_config)

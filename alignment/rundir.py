@@ -1,0 +1,185 @@
+"""Run directories: chosen once, never overwritten when finished, resumable when interrupted.
+
+Layout (the user-facing contract):
+    <run_dir>/config.yaml    resolved RunConfig, secrets masked
+    <run_dir>/metrics.jsonl  one JSON object per logged step
+    <run_dir>/summary.json   status, final metrics, model path, parent run
+    <run_dir>/model/         save_pretrained output
+    <run_dir>/checkpoints/   trainer checkpoints; each complete one holds a COMPLETE marker
+    <run_dir>/run.log        the console log of the run
+A chain (SFT → DPO) uses one directory holding summary.json and one run dir per link (`1-sft`, `2-dpo`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, RunConfig, as_dict
+from .secrets import redact
+
+OUTPUTS_ROOT = Path("outputs")
+CHECKPOINT_COMPLETE = "COMPLETE"
+# Keys that may differ between an interrupted run and its resumption.
+_RESUME_FREE_KEYS = {"resume", "run_dir", "dry_run"}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "run.log"
+
+    def link(self, index: int, stage: str) -> "RunDir":
+        return RunDir(self.path / f"{index}-{stage}")
+
+
+def default_run_name(cfg: RunConfig, chained: bool) -> str:
+    if cfg.run_name:
+        return cfg.run_name
+    what = cfg.experiment if chained else cfg.stage.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{what}-{cfg.model.name}")
+
+
+def new_run_path(cfg: RunConfig, chained: bool, now: _dt.datetime | None = None) -> Path:
+    """A fresh dir under outputs/<date>/<time>_<name>; a suffix avoids collisions within one second."""
+    now = now or _dt.datetime.now()
+    base = OUTPUTS_ROOT / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}_{default_run_name(cfg, chained)}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}_{n}")
+    return path
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    summary = path / "summary.json"
+    if not summary.exists():
+        return None
+    try:
+        return json.loads(summary.read_text())
+    except json.JSONDecodeError:
+        return {"status": "unreadable"}
+
+
+def is_finished(path: Path) -> bool:
+    summary = read_summary(path)
+    return bool(summary) and summary.get("status") == "finished"
+
+
+def check_run_dir(path: Path, resume: bool) -> None:
+    """Refuse anything that would overwrite work; explain what to do instead."""
+    occupied = path.exists() and any(path.iterdir())
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run_dir={path} is a file, not a directory. Choose another run_dir.")
+    if is_finished(path):
+        raise ConfigError(
+            f"run_dir={path} holds a finished run (summary.json status=finished) and is never overwritten. "
+            f"Leave run_dir unset for a fresh directory under outputs/, or choose another run_dir."
+        )
+    if resume:
+        if not occupied or read_summary(path) is None:
+            raise ConfigError(
+                f"resume=true but run_dir={path} holds no run to resume (no summary.json). "
+                f"Point run_dir at the interrupted run's directory, or drop resume=true."
+            )
+        return
+    if occupied:
+        status = (read_summary(path) or {}).get("status", "unknown")
+        raise ConfigError(
+            f"run_dir={path} already holds a run (status: {status}). Pass resume=true to continue it "
+            f"from its last complete checkpoint, or choose another run_dir."
+        )
+
+
+def masked_config(cfg: RunConfig) -> dict[str, Any]:
+    return redact(as_dict(cfg))
+
+
+def check_resume_matches(run: RunDir, cfg: RunConfig) -> None:
+    """A resumed run must be the same run: any changed setting would silently mix two experiments."""
+    if not run.config.exists():
+        return
+    saved = yaml.safe_load(run.config.read_text()) or {}
+    current = masked_config(cfg)
+    changed = sorted(
+        key
+        for key in _flat(saved).keys() | _flat(current).keys()
+        if key.split(".")[0] not in _RESUME_FREE_KEYS and _flat(saved).get(key) != _flat(current).get(key)
+    )
+    if changed:
+        details = ", ".join(f"{k}: {_flat(saved).get(k)!r} → {_flat(current).get(k)!r}" for k in changed[:5])
+        raise ConfigError(
+            f"resume=true but the configuration differs from the run in {run.path} ({details}). "
+            f"Resume with the original settings, or start a new run without resume=true."
+        )
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a summary."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(redact(obj), indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_config(run: RunDir, cfg: RunConfig) -> None:
+    run.path.mkdir(parents=True, exist_ok=True)
+    tmp = run.config.with_name(".config.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(masked_config(cfg), sort_keys=False))
+    os.replace(tmp, run.config)
+
+
+def update_summary(run: RunDir, **fields: Any) -> dict[str, Any]:
+    summary = read_summary(run.path) or {}
+    summary.update(fields)
+    write_json(run.summary, summary)
+    return summary
+
+
+def last_complete_checkpoint(run: RunDir) -> Path | None:
+    """Newest checkpoint whose COMPLETE marker was written after the trainer finished saving it."""
+    if not run.checkpoints.exists():
+        return None
+    complete = [
+        p for p in run.checkpoints.glob("checkpoint-*") if (p / CHECKPOINT_COMPLETE).exists() and p.name[11:].isdigit()
+    ]
+    return max(complete, key=lambda p: int(p.name[11:]), default=None)

@@ -1,0 +1,180 @@
+"""From a validated RunConfig to finished run dirs: one stage, or a chain of stages (SFT → DPO)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .compose import compose_run_config, link_overrides
+from .config import ConfigError, RunConfig, freeze
+from .modeling import starting_point
+from .plan import describe
+from .rundir import (RunDir, check_resume_matches, check_run_dir, last_complete_checkpoint, new_run_path,
+                     read_summary, update_summary, write_config)
+from .stages import stage_module
+from .tracking import (CheckpointMarker, MetricsWriter, attach_run_log, detach_run_log, format_table, read_metrics,
+                       train_records, truncate_metrics)
+from .validation import is_offline, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageOutcome:
+    run: RunDir
+    summary: dict[str, Any]
+    trainer: Any  # the TRL trainer, kept for callers that inspect the trained and reference models
+
+
+def with_run_dir(cfg: RunConfig, path: Path) -> RunConfig:
+    return freeze(dataclasses.replace(cfg, run_dir=str(path)))
+
+
+def _now() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+    import trl
+
+    return {"alignment": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__}
+
+
+def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
+    """Train one stage into cfg.run_dir; resume from its last complete checkpoint when cfg.resume is set."""
+    run = RunDir(Path(cfg.run_dir))
+    resume_from = None
+    if cfg.resume and read_summary(run.path) is not None:
+        check_resume_matches(run, cfg)
+        resume_from = last_complete_checkpoint(run)
+        truncate_metrics(run.metrics, int(resume_from.name.split("-")[-1]) if resume_from else 0)
+    else:
+        write_config(run, cfg)
+    handler = attach_run_log(run)
+    try:
+        source = starting_point(cfg)
+        update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
+                       start_model=str(source), parent_run=cfg.parent_run, resumed_from=str(resume_from or "") or None,
+                       versions=_versions())
+        log.info("%s stage in %s, starting from %s", cfg.stage.name, run.path, source)
+        metrics_writer = MetricsWriter(run)
+        trainer = stage_module(cfg.stage.name).build_trainer(
+            cfg, run, source, callbacks=[metrics_writer, CheckpointMarker(run), *callbacks])
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        trainer.save_model(str(run.model))
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        update_summary(run, status=status, error=f"{type(err).__name__}: {err}", ended_at=_now())
+        log.error("%s stage %s in %s: %s", cfg.stage.name, status, run.path, err)
+        raise
+    finally:
+        detach_run_log(handler)
+    records = train_records(read_metrics(run.metrics))
+    summary = update_summary(
+        run, status="finished", ended_at=_now(), model_path=str(run.model),
+        final_metrics=records[-1] if records else {}, eval_metrics=eval_metrics, train=metrics_writer.train_summary)
+    return StageOutcome(run=run, summary=summary, trainer=trainer)
+
+
+def chain_configs(cfg: RunConfig, user_overrides: list[str], chain_dir: Path) -> list[RunConfig]:
+    """Compose every link with its own run dir under the chain dir; each link starts from the previous one."""
+    configs, parent = [], None
+    for index, overrides in enumerate(link_overrides(cfg, user_overrides), start=1):
+        link = compose_run_config(overrides)
+        link_dir = RunDir(chain_dir).link(index, link.stage.name).path
+        extra = [f"run_dir={link_dir}"] + ([f"parent_run={parent}"] if parent else [])
+        link = compose_run_config([*overrides, *extra])
+        configs.append(link)
+        parent = link_dir
+    return configs
+
+
+def _pending_links(cfg: RunConfig, links: list[RunConfig]) -> list[RunConfig]:
+    """Links still to run, validated; on resume a finished link is skipped and a started one continues."""
+    pending = []
+    for index, link in enumerate(links):
+        summary = read_summary(Path(link.run_dir))
+        if cfg.resume and summary and summary.get("status") == "finished":
+            log.info("skipping finished %s link %s", link.stage.name, link.run_dir)
+            continue
+        link = freeze(dataclasses.replace(link, resume=bool(cfg.resume and summary)))
+        validate(link, parent_created_by_chain=index > 0)
+        pending.append(link)
+    return pending
+
+
+def run_chain(cfg: RunConfig, links: list[RunConfig], chain_dir: Path) -> list[StageOutcome]:
+    chain = RunDir(chain_dir)
+    pending = _pending_links(cfg, links)
+    if cfg.resume:
+        check_resume_matches(chain, cfg)
+    else:
+        write_config(chain, cfg)
+    update_summary(chain, status="running", kind="chain", started_at=_now(),
+                   links=[{"stage": link.stage.name, "run_dir": link.run_dir} for link in links])
+    try:
+        outcomes = [run_stage(link) for link in pending]
+    except BaseException as err:
+        update_summary(chain, status="failed", error=f"{type(err).__name__}: {err}", ended_at=_now())
+        raise
+    update_summary(chain, status="finished", ended_at=_now())
+    return outcomes
+
+
+def choose_run_path(cfg: RunConfig, job_dir: Path | None, chained: bool) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    if job_dir is not None:  # a --multirun member: Hydra made one directory per member in the sweep dir
+        return job_dir
+    return new_run_path(cfg, chained)
+
+
+def quiet_libraries() -> None:
+    """Progress bars only on a terminal; library deprecation chatter never (CI logs stay readable)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if not sys.stderr.isatty():
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+
+
+def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) -> Path | None:
+    """Dispatch a composed command: a dry run, a chain of stages or one stage. Returns the run dir."""
+    chained = bool(link_overrides(cfg, user_overrides))
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    quiet_libraries()
+    if is_offline(cfg):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    path = choose_run_path(cfg, job_dir, chained)
+    cfg = with_run_dir(cfg, path)
+    if cfg.dry_run:
+        print(describe(chain_configs(cfg, user_overrides, path) if chained else [cfg]))
+        return None
+    if chained:
+        check_run_dir(path, cfg.resume)
+        links = chain_configs(cfg, user_overrides, path)
+        run_chain(cfg, links, path)
+        last = RunDir(Path(links[-1].run_dir))
+    else:
+        validate(cfg)
+        last = run_stage(cfg).run
+    print(f"\n{format_table(read_metrics(last.metrics))}\n\nrun dir: {path}")
+    return path
+
+
+__all__ = ["ConfigError", "StageOutcome", "chain_configs", "run", "run_chain", "run_stage"]

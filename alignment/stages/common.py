@@ -1,0 +1,73 @@
+"""Trainer arguments every stage shares, derived from the RunConfig in one place."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from transformers.trainer_callback import PrinterCallback
+
+from ..config import RunConfig
+from ..data import load_splits
+from ..modeling import load_model, load_tokenizer, lora_config, mixed_precision, uses_cuda
+from ..rundir import RunDir
+
+
+def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, Any]:
+    stage = cfg.stage
+    precision = mixed_precision(cfg)
+    evaluate_during_training = has_eval and stage.eval_steps is not None
+    return dict(
+        output_dir=str(run.checkpoints),
+        run_name=run.path.name,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        max_steps=stage.max_steps,
+        num_train_epochs=stage.num_train_epochs,
+        per_device_train_batch_size=stage.per_device_train_batch_size,
+        per_device_eval_batch_size=stage.per_device_eval_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        lr_scheduler_type=stage.lr_scheduler_type,
+        warmup_steps=stage.warmup_ratio,  # transformers 5 reads a value below 1 as a fraction of the steps
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        optim=stage.optim,
+        max_length=stage.max_length,
+        logging_steps=stage.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate_during_training else "no",
+        eval_steps=stage.eval_steps,
+        save_strategy="steps",
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # Without use_cpu, transformers and accelerate may disagree on the device and world size (see
+        # notes/distributed-on-cpu.md); say it explicitly whenever no CUDA device is used.
+        use_cpu=not uses_cuda(cfg),
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        report_to="none",
+        # Progress bars only on a terminal: CI logs stay readable, metrics go to metrics.jsonl anyway.
+        disable_tqdm=not sys.stderr.isatty(),
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(cfg: RunConfig, run: RunDir, source, callbacks, config_class, trainer_class, **stage_arguments):
+    """Load tokenizer, weights and data, then hand them to a TRL trainer with the stage's own arguments."""
+    tokenizer = load_tokenizer(source, cfg.model)
+    model = load_model(source, cfg)
+    train, evaluation = load_splits(cfg.dataset)
+    args = config_class(**trainer_arguments(cfg, run, evaluation is not None), **stage_arguments)
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.peft),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # MetricsWriter logs compact lines instead of every dict
+    return trainer

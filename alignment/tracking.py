@@ -1,0 +1,120 @@
+"""What a run leaves behind while it trains: metrics.jsonl, checkpoint markers, run.log, the final table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .rundir import CHECKPOINT_COMPLETE, RunDir
+from .secrets import RedactingFilter
+
+log = logging.getLogger("alignment")
+
+# The fields of seed 000's guide to DPO logs, in the order people read them.
+TABLE_FIELDS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "grad_norm")
+# Keys the trainer logs once at the end of training; they belong in summary.json, not in the step series.
+_END_OF_TRAINING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+
+
+class MetricsWriter(TrainerCallback):
+    """Appends one JSON object per logged step to metrics.jsonl and logs a compact line about ten
+    times per run (main process only). It replaces the trainer's printer, which dumps every dict."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.train_summary: dict[str, Any] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if _END_OF_TRAINING_KEYS & logs.keys():
+            self.train_summary.update(logs)
+            return
+        record = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
+        with self.run.metrics.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        every = max(1, state.max_steps // 10)
+        if state.global_step % every == 0 or state.global_step in (1, state.max_steps) or "eval_loss" in logs:
+            prefix = "eval_" if "eval_loss" in logs else ""
+            shown = [prefix + k for k in TABLE_FIELDS if isinstance(record.get(prefix + k), (int, float))]
+            log.info("step %d/%d %s", state.global_step, state.max_steps,
+                     " ".join(f"{k}={record[k]:.4g}" for k in shown))
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete once the trainer has finished writing it.
+
+    transformers writes checkpoints in place, not atomically; a checkpoint without the marker may be
+    partial (the process died while saving) and is never resumed from.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = self.run.checkpoints / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                (checkpoint / CHECKPOINT_COMPLETE).write_text(f"step {state.global_step}\n")
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible rather than silently dropping them
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Training-step records (evaluation records carry eval_* keys instead of loss)."""
+    return [r for r in records if "loss" in r]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop records logged after the checkpoint we continue from; they will be logged again."""
+    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """First and last logged training step, seed-000 fields side by side."""
+    train = train_records(records)
+    if not train:
+        return "(no training steps logged)"
+    first, last = train[0], train[-1]
+    fields = [f for f in TABLE_FIELDS if f in first or f in last]
+    width = max(len(f) for f in fields)
+    lines = [f"{'field':<{width}}  {'step ' + str(first['step']):>12}  {'step ' + str(last['step']):>12}"]
+    for name in fields:
+        lines.append(f"{name:<{width}}  {_cell(first.get(name)):>12}  {_cell(last.get(name)):>12}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value if value is not None else "-")
+
+
+def attach_run_log(run: RunDir) -> logging.Handler:
+    """Copy everything logged during the run into run.log, secrets removed."""
+    handler = logging.FileHandler(run.log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def detach_run_log(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()

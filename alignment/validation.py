@@ -1,0 +1,99 @@
+"""Checks a RunConfig before anything heavy runs; each failure names the key and what to do."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import DATASET_FORMAT_FOR_STAGE, STAGES, ConfigError, RunConfig
+from .data import REQUIRED_COLUMNS, check_source
+from .modeling import check_model_source
+from .rundir import RunDir, check_run_dir, is_finished
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+_PRECISIONS = ("auto", "no", "bf16", "fp16")
+_DEVICES = ("auto", "cpu", "cuda")
+_BACKENDS = ("single",)
+_PEFT_METHODS = ("none", "lora")
+
+
+def is_offline(cfg: RunConfig) -> bool:
+    return cfg.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: object, valid: tuple[str, ...]) -> None:
+    _require(value in valid, f"{key}={value} is not supported. Valid values: {', '.join(valid)}.")
+
+
+def validate(cfg: RunConfig, parent_created_by_chain: bool = False) -> None:
+    """Raise ConfigError on the first problem. Filesystem checks are cheap; nothing is loaded."""
+    stage = cfg.stage
+    _one_of("stage.name", stage.name, STAGES)
+    _require(cfg.beta > 0, f"beta must be > 0 (got {cfg.beta}). It scales DPO's implicit reward; "
+                           f"typical values are 0.01-0.5, e.g. beta=0.1.")
+    _require(cfg.learning_rate > 0, f"learning_rate must be > 0 (got {cfg.learning_rate}), e.g. learning_rate=5e-7 "
+                                    f"for DPO or 2e-5 for SFT.")
+    _require(stage.max_steps == -1 or stage.max_steps > 0,
+             f"stage.max_steps must be -1 (train for num_train_epochs) or > 0 (got {stage.max_steps}).")
+    _require(stage.num_train_epochs > 0, f"stage.num_train_epochs must be > 0 (got {stage.num_train_epochs}).")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_steps"):
+        _require(getattr(stage, key) >= 1, f"stage.{key} must be >= 1 (got {getattr(stage, key)}).")
+    _require(stage.max_length >= 16, f"stage.max_length must be >= 16 tokens (got {stage.max_length}).")
+    _require(0 <= stage.warmup_ratio < 1, f"stage.warmup_ratio must be in [0, 1) (got {stage.warmup_ratio}).")
+    _require(stage.eval_steps is None or stage.eval_steps >= 1,
+             f"stage.eval_steps must be null or >= 1 (got {stage.eval_steps}).")
+
+    wanted = DATASET_FORMAT_FOR_STAGE[stage.name]
+    _one_of("dataset.format", cfg.dataset.format, tuple(REQUIRED_COLUMNS))
+    _require(
+        cfg.dataset.format == wanted,
+        f"stage={stage.name} needs a {wanted} dataset with column(s) {', '.join(REQUIRED_COLUMNS[wanted])}, but "
+        f"dataset={cfg.dataset.name} is a {cfg.dataset.format} dataset. Pick a {wanted} dataset "
+        f"(e.g. dataset=tiny_{stage.name}).",
+    )
+
+    _one_of("model.dtype", cfg.model.dtype, _DTYPES)
+    _one_of("backend.name", cfg.backend.name, _BACKENDS)
+    _one_of("backend.device", cfg.backend.device, _DEVICES)
+    _one_of("backend.mixed_precision", cfg.backend.mixed_precision, _PRECISIONS)
+    _one_of("peft.method", cfg.peft.method, _PEFT_METHODS)
+    _require(cfg.peft.method == "none" or cfg.peft.r >= 1, f"peft.r must be >= 1 (got {cfg.peft.r}).")
+    if not cfg.dry_run:
+        _check_devices(cfg)
+
+    if cfg.parent_run and not parent_created_by_chain:
+        _check_parent(Path(cfg.parent_run))
+    if cfg.dry_run:
+        return  # a dry run loads nothing, so missing weights or data are reported in the plan, not refused
+    if not cfg.parent_run:
+        check_model_source(cfg.model, is_offline(cfg))
+    check_source(cfg.dataset, is_offline(cfg))
+    if cfg.run_dir is not None:
+        check_run_dir(Path(cfg.run_dir), cfg.resume)
+
+
+def _check_devices(cfg: RunConfig) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available() and cfg.backend.device != "cpu"
+    _require(cfg.backend.device != "cuda" or torch.cuda.is_available(),
+             "backend.device=cuda but no CUDA device is visible. Use backend.device=auto or cpu.")
+    _require(cuda or cfg.backend.mixed_precision in ("auto", "no"),
+             f"backend.mixed_precision={cfg.backend.mixed_precision} needs a CUDA device; on CPU use "
+             f"backend.mixed_precision=no (or auto).")
+
+
+def _check_parent(parent: Path) -> None:
+    _require(parent.is_dir(), f"parent_run={parent} does not exist. Point it at a finished SFT run dir.")
+    _require(is_finished(parent), f"parent_run={parent} is not a finished run (summary.json status is not "
+                                  f"'finished'). Finish or resume it first.")
+    model = RunDir(parent).model
+    _require((model / "config.json").exists(),
+             f"parent_run={parent} has no full model in {model} (a LoRA adapter cannot be a starting point "
+             f"yet). Run the parent stage with peft=none.")
