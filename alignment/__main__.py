@@ -11,7 +11,6 @@ from hydra.types import RunMode
 
 from .compose import CONF_DIR, CONFIG_NAME, preflight
 from .config import ConfigError, to_run_config
-from .runner import run
 
 EXIT_BAD_INPUT = 2
 
@@ -25,6 +24,8 @@ def _fail(err: ConfigError) -> None:
 def _hydra_entry(composed) -> None:
     hydra_config = HydraConfig.get()
     member_dir = Path(hydra_config.runtime.output_dir) if hydra_config.mode == RunMode.MULTIRUN else None
+    from .runner import run  # imported here so that bad input is refused before torch/transformers load
+
     try:
         run(to_run_config(composed), list(hydra_config.overrides.task), member_dir)
     except ConfigError as err:

@@ -9,7 +9,9 @@ Two uses:
 
 from __future__ import annotations
 
+import difflib
 import itertools
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -78,8 +80,34 @@ def compose_run_config(overrides: list[str]) -> RunConfig:
     return to_run_config(cfg)
 
 
+def _known_keys() -> list[str]:
+    def walk(tree: dict, prefix: str = "") -> list[str]:
+        keys = []
+        for key, value in tree.items():
+            keys.append(prefix + key)
+            if isinstance(value, dict):
+                keys += walk(value, f"{prefix}{key}.")
+        return keys
+
+    return walk(_schema_dict())
+
+
+def _schema_dict() -> dict:
+    from omegaconf import OmegaConf
+
+    from .config import RunConfig
+
+    return OmegaConf.to_container(OmegaConf.structured(RunConfig), throw_on_missing=False)
+
+
 def _first_sentence(err: Exception) -> str:
     text = str(err).strip()
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        close = difflib.get_close_matches(key, _known_keys(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " `python -m alignment --help` lists every key."
+        return f"unknown key '{key}' on the command line.{hint}"
     cause = err.__cause__
     if cause is not None and str(cause).strip():
         text = f"{text}: {str(cause).strip()}"
@@ -140,10 +168,19 @@ def preflight(argv: list[str]) -> None:
     except HydraException as err:
         raise ConfigError(f"cannot parse the command line: {_first_sentence(err)}") from None
     for member in members:
-        cfg = compose_run_config(member)
-        links = link_overrides(cfg, member)
-        if not links:
-            validate(cfg)
-            continue
-        for index, link in enumerate(links):
-            validate(compose_run_config(link), parent_created_by_chain=index > 0)
+        try:
+            _preflight_member(member)
+        except ConfigError as err:
+            if len(members) == 1:
+                raise
+            raise ConfigError(f"sweep member [{' '.join(member)}]: {err}") from None
+
+
+def _preflight_member(member: list[str]) -> None:
+    cfg = compose_run_config(member)
+    links = link_overrides(cfg, member)
+    if not links:
+        validate(cfg)
+        return
+    for index, link in enumerate(links):
+        validate(compose_run_config(link), parent_created_by_chain=index > 0)

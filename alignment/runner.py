@@ -34,7 +34,8 @@ class StageOutcome:
 
 
 def with_run_dir(cfg: RunConfig, path: Path) -> RunConfig:
-    return freeze(dataclasses.replace(cfg, run_dir=str(path)))
+    # Absolute, so that summaries and a child's parent_run stay valid from any working directory.
+    return freeze(dataclasses.replace(cfg, run_dir=str(path.resolve())))
 
 
 def _now() -> str:
@@ -160,8 +161,8 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
     quiet_libraries()
     if is_offline(cfg):
         os.environ["HF_HUB_OFFLINE"] = "1"
-    path = choose_run_path(cfg, job_dir, chained)
-    cfg = with_run_dir(cfg, path)
+    cfg = with_run_dir(cfg, choose_run_path(cfg, job_dir, chained))
+    path = Path(cfg.run_dir)
     if cfg.dry_run:
         print(describe(chain_configs(cfg, user_overrides, path) if chained else [cfg]))
         return None
@@ -173,7 +174,8 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
     else:
         validate(cfg)
         last = run_stage(cfg).run
-    print(f"\n{format_table(read_metrics(last.metrics))}\n\nrun dir: {path}")
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    print(f"\n{format_table(read_metrics(last.metrics))}\n\nrun dir: {shown}")
     return path
 
 

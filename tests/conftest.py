@@ -1,0 +1,46 @@
+"""Shared test setup: everything offline, tiny twins cached once per session, real CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_environment(tmp_path_factory):
+    """No test may touch the network; tiny twins are built once into a session cache."""
+    cache = tmp_path_factory.mktemp("alignment-cache")
+    saved = dict(os.environ)
+    os.environ.update({"ALIGNMENT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "WANDB_MODE": "disabled", "HF_HUB_DISABLE_TELEMETRY": "1"})
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m alignment ...` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "alignment", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The default command, `python -m alignment`, run once: SFT then DPO on the tiny twin."""
+    cwd = tmp_path_factory.mktemp("demo")
+    result = run_cli(cwd=cwd)
+    assert result.returncode == 0, result.stderr[-4000:]
+    chains = sorted((cwd / "outputs").glob("*/*_demo-tiny_qwen2"))
+    assert len(chains) == 1, chains
+    return {"dir": chains[0], "stdout": result.stdout, "cwd": cwd}

@@ -1,0 +1,79 @@
+"""Every option of every config group composes into a valid RunConfig, or fails with the intended message."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+
+from alignment.compose import compose_run_config, config_groups, group_options
+from alignment.config import DATASET_FORMAT_FOR_STAGE, ConfigError, RunConfig
+from alignment.plan import parameter_count
+from alignment.validation import validate
+
+from .conftest import run_cli
+
+
+def _combinations():
+    groups = config_groups()
+    return [dict(zip(groups, choice)) for choice in itertools.product(*(group_options(g) for g in groups))]
+
+
+def test_conf_has_the_groups_of_the_product():
+    assert {"model", "stage", "dataset", "backend", "peft", "experiment"} <= set(config_groups())
+    assert {"tiny_qwen2", "tiny_mistral", "mistral7b", "qwen72b"} <= set(group_options("model"))
+
+
+@pytest.mark.parametrize("choice", _combinations(), ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_every_combination_composes(choice):
+    overrides = [f"{group}={option}" for group, option in choice.items()] + ["dry_run=true"]
+    cfg = compose_run_config(overrides)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.stage.name == choice["stage"] and cfg.model.name == choice["model"]
+    if cfg.dataset.format == DATASET_FORMAT_FOR_STAGE[cfg.stage.name]:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match=f"stage={cfg.stage.name} needs a"):
+            validate(cfg)
+
+
+def test_run_config_is_frozen():
+    cfg = compose_run_config([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.beta = 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.stage.max_steps = 3
+
+
+def test_short_keys_reach_the_run_config():
+    cfg = compose_run_config(["stage=dpo", "beta=0.05", "learning_rate=1e-6", "seed=7"])
+    assert (cfg.beta, cfg.learning_rate, cfg.seed) == (0.05, 1e-6, 7)
+
+
+def test_stage_sets_its_own_learning_rate_default():
+    assert compose_run_config(["stage=sft"]).learning_rate == 2e-5
+    assert compose_run_config(["stage=dpo"]).learning_rate == 5e-7
+
+
+@pytest.mark.parametrize("name, expected", [("mistral7b", 7_241_732_096), ("qwen72b", 72_706_203_648)])
+def test_architecture_facts_count_the_real_parameters(name, expected):
+    """The YAML facts, instantiated on the meta device from the real transformers classes."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = compose_run_config([f"model={name}"]).model.architecture
+    fields = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == expected == parameter_count(arch)
+
+
+def test_help_lists_every_group_and_option(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for group in config_groups():
+        assert group in result.stdout
+        for option in group_options(group):
+            assert option in result.stdout

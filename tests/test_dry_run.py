@@ -1,0 +1,23 @@
+"""dry_run=true: the plan for any model, offline, with no weights loaded and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import run_cli
+
+
+@pytest.mark.parametrize("model, params", [("qwen72b", "72,706,203,648"), ("mistral7b", "7,241,732,096")])
+def test_dry_run_of_big_models_needs_no_network(tmp_path, model, params):
+    result = run_cli(f"model={model}", "stage=dpo", "dry_run=true", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert params in result.stdout and "trl.DPOTrainer" in result.stdout
+    assert "nothing was loaded or written" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_dry_run_of_the_demo_shows_both_stages(tmp_path):
+    result = run_cli("dry_run=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage 1/2: sft" in result.stdout and "stage 2/2: dpo" in result.stdout
+    assert "1-sft" in result.stdout and "2-dpo" in result.stdout
