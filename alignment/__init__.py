@@ -4,6 +4,3 @@
 """
 
 __version__ = "0.1.0"
-# Lets the entrypoint tell our package from another module named `alignment` (alignment-handbook
-# installs one) that shadows it on sys.path.
-DISTRIBUTION = "alignment-recipes"

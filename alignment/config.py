@@ -100,7 +100,7 @@ class StageConfig(_Frozen):
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"
     logging_steps: int = 1
     eval_steps: Optional[int] = None
     save_steps: int = 500
