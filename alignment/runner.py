@@ -94,9 +94,8 @@ def chain_configs(cfg: RunConfig, user_overrides: list[str], chain_dir: Path) ->
     for index, overrides in enumerate(link_overrides(cfg, user_overrides), start=1):
         link = compose_run_config(overrides)
         link_dir = RunDir(chain_dir).link(index, link.stage.name).path
-        extra = [f"run_dir={link_dir}"] + ([f"parent_run={parent}"] if parent else [])
-        link = compose_run_config([*overrides, *extra])
-        configs.append(link)
+        configs.append(freeze(dataclasses.replace(link, run_dir=str(link_dir),
+                                                  parent_run=str(parent) if parent else link.parent_run)))
         parent = link_dir
     return configs
 

@@ -60,6 +60,20 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
                                                                         abs=1e-6)
 
 
+def test_a_run_that_died_after_its_last_step_resumes_to_the_same_weights(tmp_path):
+    """The final checkpoint exists but the process died before the run was marked finished."""
+    straight = run_stage(_config(tmp_path / "straight"))
+    assert (tmp_path / "straight" / "checkpoints" / "checkpoint-8" / "COMPLETE").exists()
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    (tmp_path / "straight" / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
+    resumed = run_stage(_config(tmp_path / "straight", "resume=true"))
+    assert resumed.summary["resumed_from"].endswith("checkpoint-6")
+    steps = [r["step"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 9))
+    assert resumed.summary["final_metrics"]["loss"] == pytest.approx(straight.summary["final_metrics"]["loss"],
+                                                                      abs=1e-6)
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     with pytest.raises(RuntimeError):
         run_stage(_config(tmp_path / "run"), callbacks=[CrashAtStep(4)])
