@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import PACKAGE_DIR, ConfigError, RunConfig, to_run_config
+from .config import PACKAGE_DIR, ConfigError, RunConfig, flatten, to_run_config
 from .validation import validate
 
 
@@ -81,23 +81,9 @@ def compose_run_config(overrides: list[str]) -> RunConfig:
 
 
 def _known_keys() -> list[str]:
-    def walk(tree: dict, prefix: str = "") -> list[str]:
-        keys = []
-        for key, value in tree.items():
-            keys.append(prefix + key)
-            if isinstance(value, dict):
-                keys += walk(value, f"{prefix}{key}.")
-        return keys
-
-    return walk(_schema_dict())
-
-
-def _schema_dict() -> dict:
     from omegaconf import OmegaConf
 
-    from .config import RunConfig
-
-    return OmegaConf.to_container(OmegaConf.structured(RunConfig), throw_on_missing=False)
+    return list(flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig), throw_on_missing=False)))
 
 
 def _first_sentence(err: Exception) -> str:

@@ -210,3 +210,14 @@ def as_dict(run_config: RunConfig) -> dict[str, Any]:
         return plain(obj)
 
     return convert(run_config)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict → {"a.b.c": leaf}, the dotted keys users write on the command line."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, as_dict
+from .config import ConfigError, RunConfig, as_dict, flatten
 from .secrets import redact
 
 OUTPUTS_ROOT = Path("outputs")
@@ -129,8 +129,8 @@ def check_resume_matches(run: RunDir, cfg: RunConfig) -> None:
     """A resumed run must be the same run: any changed setting would silently mix two experiments."""
     if not run.config.exists():
         return
-    saved = _flat(yaml.safe_load(run.config.read_text()) or {})
-    current = _flat(masked_config(cfg))
+    saved = flatten(yaml.safe_load(run.config.read_text()) or {})
+    current = flatten(masked_config(cfg))
     changed = sorted(key for key in saved.keys() | current.keys()
                      if key.split(".")[0] not in _RESUME_FREE_KEYS and saved.get(key) != current.get(key))
     if changed:
@@ -140,15 +140,6 @@ def check_resume_matches(run: RunDir, cfg: RunConfig) -> None:
             f"Resume with the original settings, or start a new run without resume=true."
         )
 
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -65,8 +65,8 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
     try:
         source = starting_point(cfg)
         update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
-                       start_model=str(source), parent_run=cfg.parent_run, resumed_from=str(resume_from) if resume_from else None,
-                       versions=_versions())
+                       start_model=str(source), parent_run=cfg.parent_run,
+                       resumed_from=str(resume_from) if resume_from else None, versions=_versions())
         log.info("%s stage in %s, starting from %s", cfg.stage.name, run.path, source)
         metrics_writer = MetricsWriter(run)
         trainer = stage_module(cfg.stage.name).build_trainer(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -29,10 +28,6 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
     """`python -m alignment ...` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "alignment", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from statistics import mean
 
 import pytest
 
-from .conftest import read_jsonl
+from alignment.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ SEED_000_FIELDS = ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewa
 
 
 def _train(path):
-    return [r for r in read_jsonl(path) if "loss" in r]
+    return [r for r in read_metrics(path) if "loss" in r]
 
 
 def test_run_dirs_follow_the_contract(demo_run):
@@ -78,7 +78,7 @@ def test_dpo_margins_and_accuracies_rise(demo_run):
 
 
 def test_margins_are_chosen_minus_rejected_at_every_step(demo_run):
-    for record in read_jsonl(demo_run["dir"] / "2-dpo" / "metrics.jsonl"):
+    for record in read_metrics(demo_run["dir"] / "2-dpo" / "metrics.jsonl"):
         prefix = "eval_" if "eval_loss" in record else ""
         if prefix + "rewards/margins" not in record:
             continue

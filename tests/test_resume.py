@@ -12,7 +12,7 @@ from alignment.config import ConfigError
 from alignment.runner import run_stage
 from alignment.validation import validate
 
-from .conftest import read_jsonl
+from alignment.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def _config(run_dir, *extra):
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     reference = run_stage(_config(tmp_path / "straight"))
-    expected = [r["loss"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    expected = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage(_config(tmp_path / "crashed"), callbacks=[CrashAtStep(7)])
@@ -52,8 +52,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed.summary["resumed_from"].endswith("checkpoint-6")
     assert resumed.summary["status"] == "finished"
 
-    losses = [r["loss"] for r in read_jsonl(crashed / "metrics.jsonl") if "loss" in r]
-    steps = [r["step"] for r in read_jsonl(crashed / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(crashed / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in read_metrics(crashed / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 9)), "each step logged exactly once across crash and resume"
     assert losses[-1] == pytest.approx(expected[-1], abs=1e-6)
     assert reference.summary["final_metrics"]["loss"] == pytest.approx(resumed.summary["final_metrics"]["loss"],
@@ -68,7 +68,7 @@ def test_a_run_that_died_after_its_last_step_resumes_to_the_same_weights(tmp_pat
     (tmp_path / "straight" / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
     resumed = run_stage(_config(tmp_path / "straight", "resume=true"))
     assert resumed.summary["resumed_from"].endswith("checkpoint-6")
-    steps = [r["step"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 9))
     assert resumed.summary["final_metrics"]["loss"] == pytest.approx(straight.summary["final_metrics"]["loss"],
                                                                       abs=1e-6)
