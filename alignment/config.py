@@ -96,6 +96,9 @@ class StageConfig(_Frozen):
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 1024
+    # Prompt budget for preference rows, applied by alignment.data before TRL (which no longer has
+    # max_prompt_length): the oldest turns go first, the final user turn always stays; null: max_length - 1.
+    max_prompt_length: Optional[int] = None
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -111,14 +114,48 @@ class StageConfig(_Frozen):
 
 
 @dataclass
-class DatasetConfig(_Frozen):
+class SourceConfig(_Frozen):
+    """One dataset source: where its rows come from and how many of them a stage uses."""
+
     name: str = MISSING
-    format: str = MISSING
-    path: str = MISSING
+    # Row layout: ultrachat (messages) | ultrafeedback | orpo (chosen/rejected conversations). It decides
+    # the columns checked and the TRL format produced (alignment/data/schemas.py).
+    schema: str = MISSING
+    path: str = MISSING                     # hub id, or a local .jsonl/.json/.parquet file or directory
+    revision: Optional[str] = None          # hub revision (branch, tag or commit); null: the default branch
     train_split: str = "train"
     eval_split: Optional[str] = None
-    max_train_rows: Optional[int] = None
-    max_eval_rows: Optional[int] = None
+    test_size: float = 0.0                  # > 0: hold out this fraction of train_split as the eval split
+    fraction: float = 1.0                   # share of train_split's rows used (after the held-out split)
+    rows: Optional[int] = None              # an exact row count instead of a fraction
+    eval_rows: Optional[int] = None         # cap on eval rows; null: all
+
+
+@dataclass
+class BadRowPolicy(_Frozen):
+    """What to do with a row that fails a check: fail (stop before training) or drop (and count it)."""
+
+    malformed: str = "fail"        # a message is not {role, content}, content is not a string, unknown role
+    roles: str = "fail"            # roles do not alternate user/assistant, or the last turn is not the assistant's
+    empty: str = "drop"            # a message with empty or whitespace-only content
+    identical: str = "drop"        # chosen and rejected responses are the same text
+    prompt_mismatch: str = "drop"  # chosen and rejected conversations differ before their final turn
+
+
+@dataclass
+class DatasetConfig(SourceConfig):
+    """The stage's primary source, further sources mixed in, and the checks run before training."""
+
+    mix: list[SourceConfig] = field(default_factory=list)
+    bad_rows: BadRowPolicy = field(default_factory=BadRowPolicy)
+    lint: str = "fail"             # chat-template linter: fail (on errors) | warn | off
+    lint_rows: int = 64            # rows of the prepared train split the linter tokenizes
+    num_proc: Optional[int] = None  # worker processes for preparation and TRL's tokenization; null: 1
+    cache: bool = True             # reuse prepared data from $ALIGNMENT_CACHE/data when the fingerprint matches
+
+    @property
+    def sources(self) -> tuple[SourceConfig, ...]:
+        return (self, *self.mix)
 
 
 @dataclass
@@ -149,6 +186,7 @@ class RunConfig(_Frozen):
     learning_rate: float = MISSING
     seed: int = 42
     dry_run: bool = False
+    data_report: bool = False
     resume: bool = False
     offline: bool = False
     run_dir: Optional[str] = None

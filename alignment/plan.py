@@ -5,6 +5,7 @@ from __future__ import annotations
 import yaml
 
 from .config import ArchitectureConfig, RunConfig
+from .data.prepare import prompt_budget
 from .rundir import masked_config
 from .validation import is_offline
 
@@ -23,6 +24,17 @@ def parameter_count(arch: ArchitectureConfig) -> int:
     per_layer = attention + 3 * hidden * inter + 2 * hidden  # gated MLP and two RMSNorms
     embeddings = vocab * hidden * (1 if arch.tie_word_embeddings else 2)
     return embeddings + layers * per_layer + hidden  # final norm
+
+
+def _dataset_lines(cfg: RunConfig) -> list[str]:
+    lines = []
+    for index, source in enumerate(cfg.dataset.sources):
+        share = f"{source.rows} rows" if source.rows else f"{source.fraction:.0%}"
+        held = f"{source.test_size:g} of train held out" if source.test_size else f"eval={source.eval_split}"
+        label = "dataset" if index == 0 else "  mixed in"
+        lines.append(f"{label:<13}{source.name} ({source.schema}) from {source.path}: {share} of "
+                     f"{source.train_split}, {held}")
+    return lines
 
 
 def describe(links: list[RunConfig]) -> str:
@@ -46,10 +58,10 @@ def describe(links: list[RunConfig]) -> str:
             f"model        {cfg.model.name}: {params:,} parameters ({weight_gib:.2f} GiB of {cfg.model.dtype} weights)",
             f"starts from  {start}",
             f"peft         {cfg.peft.method}",
-            f"dataset      {cfg.dataset.name} ({cfg.dataset.format}) from {cfg.dataset.path}: "
-            f"train={cfg.dataset.train_split}, eval={cfg.dataset.eval_split}",
+            *_dataset_lines(cfg),
             f"training     {steps}, lr={cfg.learning_rate:g}, micro batch {stage.per_device_train_batch_size} × "
             f"accumulation {stage.gradient_accumulation_steps}, max_length={stage.max_length}"
+            + (f", max_prompt_length={prompt_budget(cfg)}" if stage.name == "dpo" else "")
             + (f", beta={cfg.beta:g}" if stage.name == "dpo" else ""),
             f"backend      {cfg.backend.name} (device {cfg.backend.device}, mixed precision {cfg.backend.mixed_precision})",
             f"run dir      {cfg.run_dir or 'a fresh directory under outputs/'}",

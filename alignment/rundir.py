@@ -4,6 +4,7 @@ Layout (the user-facing contract):
     <run_dir>/config.yaml    resolved RunConfig, secrets masked
     <run_dir>/metrics.jsonl  one JSON object per logged step
     <run_dir>/summary.json   status, final metrics, model path, parent run
+    <run_dir>/data_report.json  rows per source and split, drops by reason, token lengths, template lint
     <run_dir>/model/         save_pretrained output
     <run_dir>/checkpoints/   trainer checkpoints; each complete one holds a COMPLETE marker
     <run_dir>/run.log        the console log of the run
@@ -28,7 +29,7 @@ from .secrets import redact
 OUTPUTS_ROOT = Path("outputs")
 CHECKPOINT_COMPLETE = "COMPLETE"
 # Keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE_KEYS = {"resume", "run_dir", "dry_run"}
+_RESUME_FREE_KEYS = {"resume", "run_dir", "dry_run", "data_report"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.path / "summary.json"
+
+    @property
+    def data_report(self) -> Path:
+        return self.path / "data_report.json"
 
     @property
     def model(self) -> Path:

@@ -17,7 +17,7 @@ from .config import ConfigError, RunConfig, freeze
 from .modeling import starting_point
 from .plan import describe
 from .rundir import (RunDir, check_resume_matches, check_run_dir, last_complete_checkpoint, new_run_path,
-                     read_summary, update_summary, write_config)
+                     read_summary, update_summary, write_config, write_json)
 from .stages import stage_module
 from .tracking import (CheckpointMarker, MetricsWriter, attach_run_log, detach_run_log, format_table, read_metrics,
                        train_records, truncate_metrics)
@@ -86,6 +86,24 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         run, status="finished", ended_at=_now(), model_path=str(run.model),
         final_metrics=records[-1] if records else {}, eval_metrics=eval_metrics, train=metrics_writer.train_summary)
     return StageOutcome(run=run, summary=summary, trainer=trainer)
+
+
+def report_data(cfg: RunConfig, parent_created_by_chain: bool = False) -> dict[str, Any]:
+    """Prepare the stage's data without loading weights; write data_report.json and print the report."""
+    from .data import format_report, prepare
+    from .modeling import load_tokenizer
+
+    validate(cfg, parent_created_by_chain=parent_created_by_chain)
+    run = RunDir(Path(cfg.run_dir))
+    write_config(run, cfg)
+    # A chain's DPO link reports before its SFT parent exists: SFT keeps the tokenizer, so the base's is used.
+    parent_ready = cfg.parent_run and (RunDir(Path(cfg.parent_run)).model / "config.json").exists()
+    source = starting_point(cfg if parent_ready else dataclasses.replace(cfg, parent_run=None))
+    data = prepare(cfg, load_tokenizer(source, cfg.model))
+    write_json(run.data_report, data.report)
+    update_summary(run, status="data_report", stage=cfg.stage.name, run_dir=str(run.path), ended_at=_now())
+    print(f"\n{format_report(data.report)}\n\nwritten: {run.data_report}")
+    return data.report
 
 
 def chain_configs(cfg: RunConfig, user_overrides: list[str], chain_dir: Path) -> list[RunConfig]:
@@ -165,6 +183,10 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
     if cfg.dry_run:
         print(describe(chain_configs(cfg, user_overrides, path) if chained else [cfg]))
         return None
+    if cfg.data_report:
+        for index, link in enumerate(chain_configs(cfg, user_overrides, path) if chained else [cfg]):
+            report_data(link, parent_created_by_chain=index > 0)
+        return path
     if chained:
         check_run_dir(path, cfg.resume)
         links = chain_configs(cfg, user_overrides, path)

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from .config import DATASET_FORMAT_FOR_STAGE, STAGES, ConfigError, RunConfig
-from .data import REQUIRED_COLUMNS, check_source
+from .data import SCHEMAS, check_sources, source_key
+from .data.schemas import PROBLEM_KINDS
 from .modeling import check_model_source
 from .rundir import RunDir, check_run_dir, is_finished
 
@@ -49,14 +50,10 @@ def validate(cfg: RunConfig, parent_created_by_chain: bool = False) -> None:
     _require(stage.eval_steps is None or stage.eval_steps >= 1,
              f"stage.eval_steps must be null or >= 1 (got {stage.eval_steps}).")
 
-    wanted = DATASET_FORMAT_FOR_STAGE[stage.name]
-    _one_of("dataset.format", cfg.dataset.format, tuple(REQUIRED_COLUMNS))
-    _require(
-        cfg.dataset.format == wanted,
-        f"stage={stage.name} needs a {wanted} dataset with column(s) {', '.join(REQUIRED_COLUMNS[wanted])}, but "
-        f"dataset={cfg.dataset.name} is a {cfg.dataset.format} dataset. Pick a {wanted} dataset "
-        f"(e.g. dataset=tiny_{stage.name}).",
-    )
+    _require(stage.max_prompt_length is None or 1 <= stage.max_prompt_length < stage.max_length,
+             f"stage.max_prompt_length must be null or in [1, stage.max_length) (got {stage.max_prompt_length} with "
+             f"max_length {stage.max_length}): a prompt must leave room for the response.")
+    _check_dataset(cfg)
 
     _one_of("model.dtype", cfg.model.dtype, _DTYPES)
     _one_of("backend.name", cfg.backend.name, _BACKENDS)
@@ -73,9 +70,30 @@ def validate(cfg: RunConfig, parent_created_by_chain: bool = False) -> None:
         return  # a dry run loads nothing, so missing weights or data are reported in the plan, not refused
     if not cfg.parent_run:
         check_model_source(cfg.model, is_offline(cfg))
-    check_source(cfg.dataset, is_offline(cfg))
+    check_sources(cfg.dataset, is_offline(cfg))
     if cfg.run_dir is not None:
         check_run_dir(Path(cfg.run_dir), cfg.resume)
+
+
+def _check_dataset(cfg: RunConfig) -> None:
+    """Schemas agree with the stage and policies are spelled right; paths are checked later by check_sources."""
+    wanted = DATASET_FORMAT_FOR_STAGE[cfg.stage.name]
+    dataset = cfg.dataset
+    for index, source in enumerate(dataset.sources):
+        key = source_key(index)
+        _one_of(f"{key}.schema", source.schema, tuple(SCHEMAS))
+        fmt = SCHEMAS[source.schema].format
+        _require(fmt == wanted,
+                 f"stage={cfg.stage.name} trains on {wanted} data, but {key} ({source.name}) has schema "
+                 f"{source.schema}, which holds {fmt} data. Pick a matching dataset, e.g. "
+                 f"{'dataset=ultrachat_200k' if wanted == 'chat' else 'dataset=ultrafeedback_binarized'} "
+                 f"(or dataset=tiny_{cfg.stage.name} offline).")
+    for problem in PROBLEM_KINDS:
+        _one_of(f"dataset.bad_rows.{problem}", getattr(dataset.bad_rows, problem), ("fail", "drop"))
+    _one_of("dataset.lint", dataset.lint, ("fail", "warn", "off"))
+    _require(dataset.lint_rows >= 0, f"dataset.lint_rows must be >= 0 (got {dataset.lint_rows}).")
+    _require(dataset.num_proc is None or dataset.num_proc >= 1,
+             f"dataset.num_proc must be null or >= 1 (got {dataset.num_proc}).")
 
 
 def _check_devices(cfg: RunConfig) -> None:

@@ -55,7 +55,7 @@ def main() -> None:
             t_ours, _ = timed([sys.executable, "-m", "alignment", "stage=dpo", f"stage.max_steps={args.steps}",
                                f"stage.per_device_train_batch_size={SETTINGS['batch']}",
                                f"learning_rate={SETTINGS['lr']}", f"beta={SETTINGS['beta']}",
-                               f"stage.max_length={SETTINGS['max_length']}", f"seed={SETTINGS['seed']}",
+                               f"stage.max_length={SETTINGS['max_length']}", "stage.max_prompt_length=128", f"seed={SETTINGS['seed']}",
                                "stage.warmup_ratio=0", "dataset.eval_split=null", f"run_dir={run_dir}"], env)
             t_plain, out = timed([sys.executable, str(REPO / "bench" / "plain_trl_dpo.py"), "--model", str(model),
                                   "--data", str(data), "--output", str(Path(scratch) / f"plain-{repeat}"),

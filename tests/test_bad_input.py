@@ -12,7 +12,7 @@ CASES = {
     "beta zero": (["stage=dpo", "beta=0"], "beta must be > 0"),
     "beta negative": (["beta=-0.1"], "beta must be > 0"),
     "learning rate zero": (["stage=sft", "learning_rate=0"], "learning_rate must be > 0"),
-    "dpo on chat data": (["stage=dpo", "dataset=tiny_sft"], "stage=dpo needs a preference dataset"),
+    "dpo on chat data": (["stage=dpo", "dataset=tiny_sft"], "stage=dpo trains on preference data"),
     "hub model offline": (["model=mistral7b", "stage=sft", "offline=true"], "use model=tiny_qwen2"),
     "missing local model": (["stage=sft", "model=tiny_qwen2", "model.tiny=false", "model.name_or_path=./nowhere"],
                             "model.name_or_path=./nowhere does not exist locally"),

@@ -9,6 +9,7 @@ import pytest
 
 from alignment.compose import compose_run_config, config_groups, group_options
 from alignment.config import DATASET_FORMAT_FOR_STAGE, ConfigError, RunConfig
+from alignment.data import data_format
 from alignment.plan import parameter_count
 from alignment.validation import validate
 
@@ -31,10 +32,10 @@ def test_every_combination_composes(choice):
     cfg = compose_run_config(overrides)
     assert isinstance(cfg, RunConfig)
     assert cfg.stage.name == choice["stage"] and cfg.model.name == choice["model"]
-    if cfg.dataset.format == DATASET_FORMAT_FOR_STAGE[cfg.stage.name]:
+    if data_format(cfg.dataset) == DATASET_FORMAT_FOR_STAGE[cfg.stage.name]:
         validate(cfg)
     else:
-        with pytest.raises(ConfigError, match=f"stage={cfg.stage.name} needs a"):
+        with pytest.raises(ConfigError, match=f"stage={cfg.stage.name} trains on"):
             validate(cfg)
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_policy_changes_and_reference_is_the_unchanged_sft_model(demo_run, tmp_path):
     sft = demo_run["dir"] / "1-sft"
-    cfg = compose_run_config(["stage=dpo", "stage.max_steps=5", "stage.max_length=256", "learning_rate=1e-3",
+    cfg = compose_run_config(["stage=dpo", "stage.max_steps=5", "stage.max_length=256", "stage.max_prompt_length=128", "learning_rate=1e-3",
                               f"parent_run={sft}", f"run_dir={tmp_path / 'dpo'}"])
     validate(cfg)
     outcome = run_stage(cfg)

@@ -8,9 +8,9 @@ from typing import Any
 from transformers.trainer_callback import PrinterCallback
 
 from ..config import RunConfig
-from ..data import load_splits
+from ..data import prepare
 from ..modeling import load_model, load_tokenizer, lora_config, mixed_precision, uses_cuda
-from ..rundir import RunDir
+from ..rundir import RunDir, write_json
 
 
 def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, Any]:
@@ -51,20 +51,22 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, 
         # Progress bars only on a terminal: CI logs stay readable, metrics go to metrics.jsonl anyway.
         disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
+        dataset_num_proc=cfg.dataset.num_proc,
     )
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, source, callbacks, config_class, trainer_class, **stage_arguments):
-    """Load tokenizer, weights and data, then hand them to a TRL trainer with the stage's own arguments."""
+    """Tokenizer, then data (bad rows stop the run before any weights load), then weights, into a TRL trainer."""
     tokenizer = load_tokenizer(source, cfg.model)
+    data = prepare(cfg, tokenizer)
+    write_json(run.data_report, data.report)
     model = load_model(source, cfg)
-    train, evaluation = load_splits(cfg.dataset)
-    args = config_class(**trainer_arguments(cfg, run, evaluation is not None), **stage_arguments)
+    args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
     trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.peft),
         callbacks=list(callbacks),
