@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from .config import ArchitectureConfig, RunConfig
-from .data.prepare import prompt_budget
+from .data.pipeline import prompt_budget
 from .rundir import masked_config
 from .validation import is_offline
 

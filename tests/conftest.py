@@ -39,3 +39,32 @@ def demo_run(tmp_path_factory):
     chains = sorted((cwd / "outputs").glob("*/*_demo-tiny_qwen2"))
     assert len(chains) == 1, chains
     return {"dir": chains[0], "stdout": result.stdout, "cwd": cwd}
+
+
+FIXTURES = REPO / "tests" / "fixtures"
+DATASET_FIXTURES = {  # dataset option → (stage, committed fixture in the real schema)
+    "ultrachat_200k": ("sft", FIXTURES / "ultrachat_200k"),
+    "ultrafeedback_binarized": ("dpo", FIXTURES / "ultrafeedback_binarized"),
+    "orpo_dpo_mix_40k": ("dpo", FIXTURES / "orpo_dpo_mix_40k" / "train.jsonl"),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny Qwen2 twin's tokenizer with the configured pad token and ChatML template."""
+    from alignment.compose import compose_run_config
+    from alignment.modeling import load_tokenizer, starting_point
+
+    cfg = compose_run_config([])
+    return load_tokenizer(starting_point(cfg), cfg.model)
+
+
+def dataset_config(option: str, *overrides: str):
+    """A validated RunConfig for one dataset option pointed at its committed fixture."""
+    from alignment.compose import compose_run_config
+    from alignment.validation import validate
+
+    stage, path = DATASET_FIXTURES[option]
+    cfg = compose_run_config([f"stage={stage}", f"dataset={option}", f"dataset.path={path}", *overrides])
+    validate(cfg)
+    return cfg

@@ -1,14 +1,14 @@
 """Dataset sources, row checks, mixing, length fitting, template linting and the data report.
 
 Modules: schemas (row layouts, checks, TRL conversion), loading (hub id or local files), mix (which rows),
-lengths (chat-template token lengths, prompt budget), lint (template bugs), report, prepare (the pipeline).
+lengths (chat-template token lengths, prompt budget), lint (template bugs), report, pipeline (prepare).
 """
 
 from __future__ import annotations
 
 from ..config import ConfigError, DatasetConfig
 from .loading import check_source, source_key
-from .prepare import PreparedData, data_format, prepare
+from .pipeline import PreparedData, data_format, prepare
 from .report import format_report
 from .schemas import SCHEMAS
 
