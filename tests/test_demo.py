@@ -27,7 +27,8 @@ def test_run_dirs_follow_the_contract(demo_run):
     assert json.loads((chain / "summary.json").read_text())["status"] == "finished"
     for link in ("1-sft", "2-dpo"):
         run = chain / link
-        for name in ("config.yaml", "metrics.jsonl", "summary.json", "run.log", "model/config.json"):
+        for name in ("config.yaml", "metrics.jsonl", "summary.json", "run.log", "data_report.json",
+                     "model/config.json"):
             assert (run / name).exists(), f"{link}/{name} missing"
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["model_path"] == str(run / "model")
