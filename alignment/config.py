@@ -85,6 +85,8 @@ class ModelConfig(_Frozen):
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # Reentrant checkpointing (seed 000 uses True); PEFT under DeepSpeed ZeRO-3 needs it.
+    use_reentrant: bool = True
 
 
 @dataclass
@@ -172,6 +174,12 @@ class PeftConfig(_Frozen):
     alpha: int = 32
     dropout: float = 0.05
     target_modules: Any = "all-linear"
+    # method=qlora: the frozen base is loaded in 4 bits by bitsandbytes (seed 000's settings).
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    # Storage dtype of the packed 4-bit weights; equal to compute_dtype so FSDP can shard them.
+    quant_storage: str = "bfloat16"
 
 
 @dataclass

@@ -61,21 +61,66 @@ def load_tokenizer(source: Path | str, model: ModelConfig):
     return tokenizer
 
 
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, "auto")
+
+
+def quantization_config(peft: PeftConfig):
+    """bitsandbytes 4-bit settings for peft=qlora, else None."""
+    if peft.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=peft.quant_type,
+        bnb_4bit_use_double_quant=peft.double_quant,
+        bnb_4bit_compute_dtype=_torch_dtype(peft.compute_dtype),
+        bnb_4bit_quant_storage=_torch_dtype(peft.quant_storage),
+    )
+
+
 def load_model(source: Path | str, cfg: RunConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype, "auto")
-    if not uses_cuda(cfg) and dtype in (torch.bfloat16, torch.float16):
+    dtype = _torch_dtype(cfg.model.dtype)
+    quantization = quantization_config(cfg.peft)
+    if quantization is not None:
+        # The modules bitsandbytes leaves unquantized (norms, embeddings, head) follow the compute dtype.
+        dtype = _torch_dtype(cfg.peft.compute_dtype)
+    elif not uses_cuda(cfg) and dtype in (torch.bfloat16, torch.float16):
         log.info("no CUDA device: loading %s in float32 instead of %s", source, cfg.model.dtype)
         dtype = torch.float32
-    return AutoModelForCausalLM.from_pretrained(
-        str(source), dtype=dtype, attn_implementation=cfg.model.attn_implementation
+    extra = {"quantization_config": quantization, "device_map": {"": "cuda" if uses_cuda(cfg) else "cpu"}} \
+        if quantization is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source), dtype=dtype, attn_implementation=cfg.model.attn_implementation, **extra
     )
+    if quantization is not None and not uses_cuda(cfg):
+        _keep_4bit_layout_on_cpu(model)
+    return model
+
+
+def _keep_4bit_layout_on_cpu(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking for 4-bit layers.
+
+    On CPUs with AVX512-BF16, a 4-bit layer called without gradients (DPO's reference pass, evaluation)
+    repacks its weight in place into a CPU-only layout; with these shapes that fails (bitsandbytes 0.50:
+    "shape [64, 2] is invalid for input of size 160"), and it would change the frozen base under the
+    training passes. The plain de-quantize-and-matmul path is correct everywhere.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(peft: PeftConfig):
-    if peft.method == "none":
+    if peft.method == "none":  # lora and qlora both train LoRA adapters
         return None
     from peft import LoraConfig
 

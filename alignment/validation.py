@@ -15,7 +15,8 @@ _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _PRECISIONS = ("auto", "no", "bf16", "fp16")
 _DEVICES = ("auto", "cpu", "cuda")
 _BACKENDS = ("single",)
-_PEFT_METHODS = ("none", "lora")
+_PEFT_METHODS = ("none", "lora", "qlora")
+_QUANT_TYPES = ("nf4", "fp4")
 
 
 def is_offline(cfg: RunConfig) -> bool:
@@ -61,6 +62,8 @@ def validate(cfg: RunConfig, parent_created_by_chain: bool = False) -> None:
     _one_of("backend.mixed_precision", cfg.backend.mixed_precision, _PRECISIONS)
     _one_of("peft.method", cfg.peft.method, _PEFT_METHODS)
     _require(cfg.peft.method == "none" or cfg.peft.r >= 1, f"peft.r must be >= 1 (got {cfg.peft.r}).")
+    if cfg.peft.method == "qlora":
+        _check_qlora(cfg)
     if not cfg.dry_run:
         _check_devices(cfg)
 
@@ -94,6 +97,22 @@ def _check_dataset(cfg: RunConfig) -> None:
     _require(dataset.lint_rows >= 0, f"dataset.lint_rows must be >= 0 (got {dataset.lint_rows}).")
     _require(dataset.num_proc is None or dataset.num_proc >= 1,
              f"dataset.num_proc must be null or >= 1 (got {dataset.num_proc}).")
+
+
+def _check_qlora(cfg: RunConfig) -> None:
+    peft = cfg.peft
+    _one_of("peft.quant_type", peft.quant_type, _QUANT_TYPES)
+    _one_of("peft.compute_dtype", peft.compute_dtype, ("bfloat16", "float16", "float32"))
+    _one_of("peft.quant_storage", peft.quant_storage, ("bfloat16", "float16", "float32", "uint8"))
+    if cfg.dry_run:
+        return
+    try:
+        import bitsandbytes  # noqa: F401 - 4-bit layers come from here
+    except Exception as err:  # ImportError, or a broken native library
+        raise ConfigError(
+            f"peft=qlora needs bitsandbytes with 4-bit support on this machine, and it cannot be imported "
+            f"({type(err).__name__}: {err}). Install it (`pip install bitsandbytes`; CUDA, or its CPU backend), or "
+            f"use peft=lora.") from None
 
 
 def _check_devices(cfg: RunConfig) -> None:

@@ -47,6 +47,7 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, 
         # notes/distributed-on-cpu.md); say it explicitly whenever no CUDA device is used.
         use_cpu=not uses_cuda(cfg),
         gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": cfg.model.use_reentrant},
         report_to="none",
         # Progress bars only on a terminal: CI logs stay readable, metrics go to metrics.jsonl anyway.
         disable_tqdm=not sys.stderr.isatty(),
