@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import DATASET_FORMAT_FOR_STAGE, STAGES, ConfigError, RunConfig
 from .data import SCHEMAS, check_sources, source_key
+from .data.loading import settings_error
 from .data.schemas import PROBLEM_KINDS
 from .modeling import check_model_source
 from .rundir import RunDir, check_run_dir, is_finished
@@ -84,7 +85,8 @@ def _check_dataset(cfg: RunConfig) -> None:
     dataset = cfg.dataset
     for index, source in enumerate(dataset.sources):
         key = source_key(index)
-        _one_of(f"{key}.schema", source.schema, tuple(SCHEMAS))
+        error = settings_error(source, key)
+        _require(error is None, error or "")
         fmt = SCHEMAS[source.schema].format
         _require(fmt == wanted,
                  f"stage={cfg.stage.name} trains on {wanted} data, but {key} ({source.name}) has schema "

@@ -18,6 +18,12 @@ CASES = {
                             "model.name_or_path=./nowhere does not exist locally"),
     "misspelt key": (["betta=0.1"], "Did you mean beta?"),
     "wrong type": (["learning_rate=fast"], "learning_rate"),
+    "mix fraction out of range": (["stage=dpo", "dataset.mix=[{name: b, schema: orpo, path: x.jsonl, fraction: 1.5}]"],
+                                  "dataset.mix[0].fraction must be in (0, 1]"),
+    "prompt budget over max_length": (["stage=dpo", "stage.max_length=256"],
+                                      "stage.max_prompt_length must be null or in [1, stage.max_length)"),
+    "hub dataset offline": (["stage=dpo", "dataset=ultrafeedback_binarized", "offline=true"],
+                            "--local-dir data/ultrafeedback_binarized"),
     "bad sweep member": (["--multirun", "beta=0.1,-1"], "sweep member [beta=-1]: beta must be > 0"),
 }
 
