@@ -17,7 +17,7 @@ from .config import ConfigError, RunConfig, freeze
 from .modeling import starting_point
 from .plan import describe
 from .rundir import (RunDir, check_resume_matches, check_run_dir, last_complete_checkpoint, new_run_path,
-                     read_summary, update_summary, write_config, write_json)
+                     read_summary, update_summary, write_config)
 from .stages import stage_module
 from .tracking import (CheckpointMarker, MetricsWriter, attach_run_log, detach_run_log, format_table, read_metrics,
                        train_records, truncate_metrics)
@@ -90,8 +90,8 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
 
 def report_data(cfg: RunConfig, parent_created_by_chain: bool = False) -> dict[str, Any]:
     """Prepare the stage's data without loading weights; write data_report.json and print the report."""
-    from .data import format_report, prepare
-    from .modeling import load_tokenizer
+    from .data import format_report
+    from .stages.common import prepare_data
 
     validate(cfg, parent_created_by_chain=parent_created_by_chain)
     run = RunDir(Path(cfg.run_dir))
@@ -99,8 +99,7 @@ def report_data(cfg: RunConfig, parent_created_by_chain: bool = False) -> dict[s
     # A chain's DPO link reports before its SFT parent exists: SFT keeps the tokenizer, so the base's is used.
     parent_ready = cfg.parent_run and (RunDir(Path(cfg.parent_run)).model / "config.json").exists()
     source = starting_point(cfg if parent_ready else dataclasses.replace(cfg, parent_run=None))
-    data = prepare(cfg, load_tokenizer(source, cfg.model))
-    write_json(run.data_report, data.report)
+    _, data = prepare_data(cfg, run, source)
     update_summary(run, status="data_report", stage=cfg.stage.name, run_dir=str(run.path), ended_at=_now())
     print(f"\n{format_report(data.report)}\n\nwritten: {run.data_report}")
     return data.report

@@ -18,11 +18,11 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, DatasetConfig, RunConfig, as_dict
+from ..config import ConfigError, DatasetConfig, RunConfig, SourceConfig, as_dict
 from . import lint as linter
 from .lengths import measure_chat, measure_preference
 from .loading import content_fingerprint, load_split, locate, source_key
@@ -75,8 +75,8 @@ def fingerprint(cfg: RunConfig, tokenizer) -> str:
         if content is None:  # a hub dataset: `datasets` fingerprints the cached arrow files it loads
             splits = [s for s in (source.train_split, source.eval_split) if s]
             content = [load_split(source, split)._fingerprint for split in splits]
-        settings = {k: v for k, v in as_dict(source).items() if k not in ("mix", "bad_rows", "lint", "num_proc",
-                                                                         "cache")}
+        # Only the SourceConfig fields choose rows; DatasetConfig's extras (mix, lint, num_proc, ...) do not.
+        settings = {f.name: getattr(source, f.name) for f in fields(SourceConfig)}
         sources.append({"settings": settings, "content": content})
     spec = {
         "version": PIPELINE_VERSION, "sources": sources, "seed": cfg.seed, "bad_rows": as_dict(dataset.bad_rows),

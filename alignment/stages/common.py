@@ -8,7 +8,7 @@ from typing import Any
 from transformers.trainer_callback import PrinterCallback
 
 from ..config import RunConfig
-from ..data import prepare
+from ..data import PreparedData, prepare
 from ..modeling import load_model, load_tokenizer, lora_config, mixed_precision, uses_cuda
 from ..rundir import RunDir, write_json
 
@@ -56,11 +56,17 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, 
     )
 
 
-def build_trainer(cfg: RunConfig, run: RunDir, source, callbacks, config_class, trainer_class, **stage_arguments):
-    """Tokenizer, then data (bad rows stop the run before any weights load), then weights, into a TRL trainer."""
+def prepare_data(cfg: RunConfig, run: RunDir, source) -> tuple[Any, PreparedData]:
+    """The tokenizer and the stage's checked data, with data_report.json written into the run dir."""
     tokenizer = load_tokenizer(source, cfg.model)
     data = prepare(cfg, tokenizer)
     write_json(run.data_report, data.report)
+    return tokenizer, data
+
+
+def build_trainer(cfg: RunConfig, run: RunDir, source, callbacks, config_class, trainer_class, **stage_arguments):
+    """Tokenizer, then data (bad rows stop the run before any weights load), then weights, into a TRL trainer."""
+    tokenizer, data = prepare_data(cfg, run, source)
     model = load_model(source, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
     trainer = trainer_class(
