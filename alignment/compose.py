@@ -168,5 +168,8 @@ def _preflight_member(member: list[str]) -> None:
     if not links:
         validate(cfg)
         return
-    for index, link in enumerate(links):
-        validate(compose_run_config(link), parent_created_by_chain=index > 0)
+    previous = None
+    for link in links:
+        link_cfg = compose_run_config(link)
+        validate(link_cfg, previous=previous)
+        previous = link_cfg

@@ -183,12 +183,32 @@ class PeftConfig(_Frozen):
 
 
 @dataclass
+class RefConfig(_Frozen):
+    """Where DPO's reference log-probs come from (alignment/reference.py explains each option)."""
+
+    # auto | adapter_copy | base | separate | precomputed; auto picks the cheapest correct one and says which.
+    name: str = "auto"
+    path: Optional[str] = None     # ref=separate: a saved model directory or hub id
+
+
+@dataclass
+class LauncherConfig(_Frozen):
+    """The machines a run uses: the memory planner sizes per-device memory from these."""
+
+    num_processes: int = 1         # processes (GPUs) in total
+    num_machines: int = 1          # nodes
+    gpu_memory_gb: float = 80.0    # memory per GPU the plan is checked against (H100/A100 80 GB)
+
+
+@dataclass
 class RunConfig(_Frozen):
     model: ModelConfig = field(default_factory=ModelConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     experiment: Optional[str] = None
     beta: float = 0.1
     learning_rate: float = MISSING
@@ -200,6 +220,9 @@ class RunConfig(_Frozen):
     run_dir: Optional[str] = None
     run_name: Optional[str] = None
     parent_run: Optional[str] = None
+    # A parent run that saved a LoRA adapter: keep it (trained on as this stage's adapter) or merge it into
+    # its base first, as the handbook does before DPO. auto: keep with peft=lora/qlora, merge with peft=none.
+    parent_adapter: str = "auto"
     chain: list[list[str]] = field(default_factory=list)
 
 
@@ -228,6 +251,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     try:
         schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, cfg)
+        _check_architecture_facts(merged)
         run_config = OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         key = err.full_key or "?"
@@ -238,6 +262,18 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid configuration at {err.full_key or '?'}: {err.msg}") from None
     return freeze(run_config)
+
+
+def _check_architecture_facts(merged: DictConfig) -> None:
+    """Every model carries its architecture facts, so planning and dry runs never need a download."""
+    missing = sorted(k.split(".")[-1] for k in OmegaConf.missing_keys(merged) if k.startswith("model.architecture."))
+    if missing:
+        name = OmegaConf.select(merged, "model.name", default="?", throw_on_missing=False)
+        raise ConfigError(
+            f"model {name} is missing architecture facts: {', '.join(missing)}. The memory plan, dry runs and LoRA "
+            f"checks read them from the model's YAML in conf/model/. Copy the values from the checkpoint's "
+            f"config.json (model_type, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, "
+            f"intermediate_size, vocab_size), as conf/model/mistral7b.yaml does.")
 
 
 def as_dict(run_config: RunConfig) -> dict[str, Any]:

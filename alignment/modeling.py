@@ -1,51 +1,44 @@
-"""Where a stage's weights come from, and loading them with the configured tokenizer settings."""
+"""Loading a stage's tokenizer and weights with the model's settings: template, pad token, attention
+implementation (with fallback), dtype, 4-bit quantization, and a kept LoRA adapter."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, PeftConfig, RunConfig
-from .rundir import RunDir
+from .config import ArchitectureConfig, ConfigError, ModelConfig, PeftConfig, RunConfig, as_dict
 from .sources import in_hub_cache, looks_local
 
 log = logging.getLogger(__name__)
 
 
-def check_model_source(model: ModelConfig, offline: bool) -> None:
+def check_model_source(model: ModelConfig, offline: bool, path: str | None = None, key: str = "model.name_or_path"
+                       ) -> None:
     """Cheap checks before anything loads: a local path exists; a hub id is usable offline."""
-    if model.tiny:
-        return
-    if looks_local(model.name_or_path):
-        if not (Path(model.name_or_path).expanduser() / "config.json").exists():
+    if path is None:
+        if model.tiny:
+            return
+        path = model.name_or_path
+    if looks_local(path):
+        if not (Path(path).expanduser() / "config.json").exists():
             raise ConfigError(
-                f"model.name_or_path={model.name_or_path} does not exist locally (no config.json there). "
-                f"Point it at a directory saved with save_pretrained, or use model=tiny_qwen2 for an offline run."
+                f"{key}={path} does not exist locally (no config.json there). Point it at a directory saved "
+                f"with save_pretrained (a full model, not a LoRA adapter), or use model=tiny_qwen2 offline."
             )
         return
-    if offline and not in_hub_cache(model.name_or_path):
+    if offline and not in_hub_cache(path):
         raise ConfigError(
-            f"model.name_or_path={model.name_or_path} is a hub id, the run is offline and it is not in the local "
-            f"Hugging Face cache. Use model=tiny_qwen2 (or tiny_mistral) for an offline run, download it on a "
-            f"connected machine, or set model.name_or_path to a local directory. dry_run=true needs no weights."
+            f"{key}={path} is a hub id, the run is offline and it is not in the local Hugging Face cache. "
+            f"Use model=tiny_qwen2 (or tiny_mistral) for an offline run, download it on a connected machine, or "
+            f"set {key} to a local directory. dry_run=true needs no weights."
         )
-
-
-def starting_point(cfg: RunConfig) -> Path | str:
-    """The weights this stage starts from: a parent run's model, a tiny twin, or the configured model."""
-    if cfg.parent_run:
-        return RunDir(Path(cfg.parent_run)).model
-    if cfg.model.tiny:
-        from .tiny import ensure_tiny_model
-
-        return ensure_tiny_model(cfg.model, cfg.seed)
-    return cfg.model.name_or_path
 
 
 def load_tokenizer(source: Path | str, model: ModelConfig):
     from transformers import AutoTokenizer
 
-    from .tiny import CHATML_TEMPLATE
+    from .templates import TEMPLATES
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     if model.tokenizer.pad_token is not None:
@@ -56,12 +49,12 @@ def load_tokenizer(source: Path | str, model: ModelConfig):
             f"(not the EOS token, whose label would then be masked)."
         )
     tokenizer.padding_side = model.tokenizer.padding_side
-    if model.tokenizer.chat_template == "chatml" and not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE
+    if model.tokenizer.chat_template is not None:
+        tokenizer.chat_template = TEMPLATES[model.tokenizer.chat_template]
     return tokenizer
 
 
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, "auto")
@@ -77,31 +70,126 @@ def quantization_config(peft: PeftConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=peft.quant_type,
         bnb_4bit_use_double_quant=peft.double_quant,
-        bnb_4bit_compute_dtype=_torch_dtype(peft.compute_dtype),
-        bnb_4bit_quant_storage=_torch_dtype(peft.quant_storage),
+        bnb_4bit_compute_dtype=torch_dtype(peft.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(peft.quant_storage),
     )
 
 
 def load_model(source: Path | str, cfg: RunConfig):
+    """Full weights from a saved directory or hub id, quantized to 4 bits for peft=qlora."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = _torch_dtype(cfg.model.dtype)
+    dtype = torch_dtype(cfg.model.dtype)
     quantization = quantization_config(cfg.peft)
     if quantization is not None:
         # The modules bitsandbytes leaves unquantized (norms, embeddings, head) follow the compute dtype.
-        dtype = _torch_dtype(cfg.peft.compute_dtype)
+        dtype = torch_dtype(cfg.peft.compute_dtype)
     elif not uses_cuda(cfg) and dtype in (torch.bfloat16, torch.float16):
         log.info("no CUDA device: loading %s in float32 instead of %s", source, cfg.model.dtype)
         dtype = torch.float32
     extra = {"quantization_config": quantization, "device_map": {"": "cuda" if uses_cuda(cfg) else "cpu"}} \
         if quantization is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
-        str(source), dtype=dtype, attn_implementation=cfg.model.attn_implementation, **extra
+        str(source), dtype=dtype, attn_implementation=attention_implementation(cfg), **extra
     )
     if quantization is not None and not uses_cuda(cfg):
         _keep_4bit_layout_on_cpu(model)
     return model
+
+
+def load_policy(start, cfg: RunConfig):
+    """The model a stage trains: full weights, or a kept parent adapter (trainable) on its base."""
+    model = load_model(start.weights, cfg)
+    if not start.has_adapter:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(start.adapter), is_trainable=True)
+
+
+# Tried in this order: each entry falls back to the ones after it.
+ATTENTION_FALLBACK = ("flash_attention_2", "sdpa", "eager")
+
+
+def attention_implementation(cfg: RunConfig) -> str:
+    """The configured attention implementation if it can run here, else the next one that can (logged).
+
+    flash_attention_2 needs the flash-attn package and a CUDA device; sdpa needs a model class that
+    supports it. A missing kernel is never a crash: the run goes on with the next implementation.
+    """
+    requested = cfg.model.attn_implementation
+    if requested not in ATTENTION_FALLBACK:
+        return requested  # another implementation transformers knows (e.g. flex_attention): its own checks apply
+    for candidate in ATTENTION_FALLBACK[ATTENTION_FALLBACK.index(requested):]:
+        missing = _attention_unavailable(candidate, cfg)
+        if missing is None:
+            if candidate != requested:
+                log.warning("attention: %s is not available here, using %s instead", requested, candidate)
+            return candidate
+        log.info("attention: %s unavailable (%s)", candidate, missing)
+    return "eager"
+
+
+def _attention_unavailable(name: str, cfg: RunConfig) -> str | None:
+    """Why an attention implementation cannot run for this model here, or None when it can."""
+    if name == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not uses_cuda(cfg):
+            return "no CUDA device"
+        if not is_flash_attn_2_available():
+            return "the flash-attn package is not installed"
+    if name in ("flash_attention_2", "sdpa"):
+        support = "_supports_flash_attn" if name == "flash_attention_2" else "_supports_sdpa"
+        if not getattr(model_class(cfg.model.architecture.model_type), support, False):
+            return f"{cfg.model.architecture.model_type} models do not support it"
+    return None
+
+
+def model_class(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_class = type(AutoConfig.for_model(model_type))
+    return AutoModelForCausalLM._model_mapping[config_class]
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(facts: tuple):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(facts)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def meta_model(arch: ArchitectureConfig):
+    """The architecture built from the real transformers class on the meta device: no memory, no download."""
+    return _meta_model(tuple(sorted(as_dict(arch).items())))
+
+
+def linear_module_names(arch: ArchitectureConfig) -> list[str]:
+    """Short names of the model's linear layers (q_proj, ..., lm_head): what peft.target_modules can name."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in meta_model(arch).named_modules()
+                   if isinstance(module, torch.nn.Linear)})
+
+
+def check_target_modules(cfg: RunConfig) -> None:
+    """LoRA target modules must exist in the model; say which ones do when they do not."""
+    targets = cfg.peft.target_modules
+    if cfg.peft.method == "none" or isinstance(targets, str):
+        return  # "all-linear" (or a regex string, which peft matches itself)
+    present = linear_module_names(cfg.model.architecture)
+    absent = [t for t in targets if t not in present]
+    if absent:
+        raise ConfigError(
+            f"peft.target_modules names {', '.join(absent)}, which {cfg.model.name} "
+            f"({cfg.model.architecture.model_type}) does not have. Its linear layers are: {', '.join(present)}. "
+            f"Use some of these, or peft.target_modules=all-linear.")
 
 
 def _keep_4bit_layout_on_cpu(model) -> None:

@@ -1,72 +1,253 @@
-"""What a run would do, computed from the config alone (no weights, no network): the dry-run report."""
+"""The memory planner: will this run fit, per device, before anything loads?
+
+From the architecture facts, precision, peft, reference option, optimizer, backend, world size, micro
+batch, sequence length and checkpointing, it sums per-device bytes for each term and names the largest
+one with what to change. Every bytes-per-parameter or bytes-per-element assumption is in ASSUMPTIONS;
+the formulas below only count parameters and activation elements. BENCHMARKS.md compares the totals
+with measured peaks.
+"""
 
 from __future__ import annotations
 
-import yaml
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from .config import ArchitectureConfig, RunConfig
-from .data.pipeline import prompt_budget
-from .rundir import masked_config
-from .validation import is_offline
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
-TRAINERS = {"sft": "trl.SFTTrainer", "dpo": "trl.DPOTrainer"}
+GB = 1e9  # decimal gigabytes, as GPU memory is quoted (80 GB H100)
+
+# Bytes per parameter or per element. One place; the planner reads nothing else.
+ASSUMPTIONS = {
+    "dtype_bytes": {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2},
+    # bitsandbytes nf4/fp4: 4-bit weights plus one absmax per 64-weight block, itself quantized to 8 bits
+    # with one fp32 constant per 256 blocks under double quantization (QLoRA paper, section 2).
+    "quant4_bytes": {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64},
+    # Optimizer state bytes per trainable parameter, as a multiple of the trainable dtype's bytes (AdamW:
+    # exp_avg and exp_avg_sq in the parameter's dtype) or as absolute bytes (8-bit optimizers).
+    "optimizer_states": {"adamw_torch": 2, "adamw_torch_fused": 2, "adamw_hf": 2, "adamw": 2, "sgd": 0,
+                         "adafactor": 0.1},
+    "optimizer_bytes_absolute": {"adamw_bnb_8bit": 2, "adamw_8bit": 2, "paged_adamw_8bit": 2,
+                                 "paged_adamw_32bit": 8},
+    # LoRA adapters: peft upcasts them to fp32 on an unquantized base; TRL casts QLoRA adapters to bf16.
+    "lora_dtype": {"lora": "float32", "qlora": "bfloat16"},
+    # DDP keeps a gradient bucket copy (gradient_as_bucket_view is off by default).
+    "ddp_gradient_copies": 1,
+    # Sharded backends gather whole decoder layers around the one computing: itself plus one prefetched.
+    "gathered_layers": 2,
+    # Activation elements saved per token per decoder layer for backward (HF Llama/Qwen2/Mistral layer,
+    # sdpa attention): two RMSNorm inputs and outputs, q, attention output and o_proj input = 7h, k and v
+    # = 2·kv, and gate, up, SiLU(gate), SiLU·up = 4·intermediate.
+    "layer_activation": {"hidden": 7, "kv": 2, "intermediate": 4},
+    # LoRA dropout keeps a dropped copy of each target's input: q, k, v, o, gate, up take h; down takes I.
+    "lora_dropout_activation": {"hidden": 6, "intermediate": 1},
+    # SFT materialises the logits (compute dtype), their fp32 upcast for the loss and its gradient;
+    # TRL's DPO trainer uses a tiled LM head and keeps no full logits.
+    "logit_bytes_per_vocab_entry": {"sft": 8, "dpo": 0},
+    # Allocator slack and the framework's buffers (CUDA context and cache on GPU, allocator on CPU).
+    "overhead_fraction": 0.05,
+}
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    arch: ArchitectureConfig
+    stage: str = "dpo"                 # sft | dpo (DPO forwards chosen and rejected together: 2 rows per pair)
+    dtype: str = "bfloat16"            # weights and compute
+    peft: str = "none"                 # none | lora | qlora
+    lora_r: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    double_quant: bool = True
+    reference: str = "base"            # adapter_copy | base | separate | precomputed
+    optimizer: str = "adamw_torch_fused"
+    backend: str = "single"            # single | ddp | fsdp | zero3
+    world_size: int = 1
+    micro_batch: int = 1
+    seq_len: int = 1024
+    checkpointing: bool = False
+    gpu_memory_gb: float = 80.0
+
+
+@dataclass
+class MemoryPlan:
+    inputs: PlanInputs
+    terms: dict[str, float]            # bytes per device
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.inputs.gpu_memory_gb * GB
+
+    @property
+    def largest(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+    def advice(self) -> list[str]:
+        """What to change, for the terms that dominate, cheapest first."""
+        i, tips = self.inputs, []
+        big = sorted(self.terms, key=self.terms.get, reverse=True)[:2]
+        sharded = i.backend in ("fsdp", "zero3")
+        if ("weights" in big or "optimizer" in big or "gradients" in big) and not sharded:
+            tips.append("shard across GPUs: backend=fsdp or backend=zero3 with more launcher.num_processes")
+        if ("optimizer" in big or "gradients" in big) and i.peft == "none":
+            tips.append("train LoRA adapters instead of every weight: peft=lora (or peft=qlora for a 4-bit base)")
+        if "weights" in big and i.peft == "lora":
+            tips.append("quantize the frozen base to 4 bits: peft=qlora")
+        if "reference" in big:
+            tips.append("drop the in-memory reference: ref=precomputed, or ref=base / adapter_copy with LoRA")
+        if "activations" in big or "logits" in big:
+            if not i.checkpointing:
+                tips.append("recompute activations: model.gradient_checkpointing=true")
+            tips.append("a smaller stage.per_device_train_batch_size (raise gradient_accumulation_steps) or "
+                        "stage.max_length")
+        return tips
+
+    def format(self) -> str:
+        i = self.inputs
+        where = f"{i.world_size} × {i.gpu_memory_gb:g} GB, backend {i.backend}"
+        lines = [f"memory plan per device ({where}; {i.stage}, {i.dtype}, peft {i.peft}, ref {i.reference}, "
+                 f"{i.optimizer}, micro batch {i.micro_batch} × {i.seq_len} tokens, checkpointing "
+                 f"{'on' if i.checkpointing else 'off'}):"]
+        for name, value in self.terms.items():
+            lines.append(f"  {name:<22}{value / GB:9.2f} GB")
+        lines.append(f"  {'total':<22}{self.total / GB:9.2f} GB of {i.gpu_memory_gb:g} GB")
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"verdict: {verdict}; largest term: {self.largest} ({self.terms[self.largest] / GB:.2f} GB)")
+        if not self.fits:
+            lines.extend(f"  to fit: {tip}" for tip in self.advice())
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ParameterGroups:
+    """Parameter counts of a Llama-family decoder (Qwen2 adds q/k/v biases), from its config facts."""
+
+    embed: int
+    head: int
+    norms: int
+    biases: int
+    linear: int      # the decoder layers' projection weights: what 4-bit quantization and LoRA act on
+    per_layer_linear: int
+
+    @property
+    def total(self) -> int:
+        return self.embed + self.head + self.norms + self.biases + self.linear
+
+
+def parameter_groups(arch: ArchitectureConfig) -> ParameterGroups:
+    h, layers, inter, vocab = arch.hidden_size, arch.num_hidden_layers, arch.intermediate_size, arch.vocab_size
+    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o; k, v; gate, up, down
+    return ParameterGroups(
+        embed=vocab * h,
+        head=0 if arch.tie_word_embeddings else vocab * h,
+        norms=(2 * layers + 1) * h,
+        biases=layers * (h + 2 * kv) if arch.model_type == "qwen2" else 0,
+        linear=layers * per_layer,
+        per_layer_linear=per_layer,
+    )
 
 
 def parameter_count(arch: ArchitectureConfig) -> int:
-    """Exact parameter count of a Llama-family decoder (Qwen2 adds q/k/v biases), from its config facts."""
-    hidden, layers, inter, vocab = arch.hidden_size, arch.num_hidden_layers, arch.intermediate_size, arch.vocab_size
-    head_dim = hidden // arch.num_attention_heads
-    kv = arch.num_key_value_heads * head_dim
-    attention = hidden * hidden * 2 + hidden * kv * 2  # q, o and k, v projections
-    if arch.model_type == "qwen2":
-        attention += hidden + 2 * kv  # Qwen2 projects q, k, v with bias
-    per_layer = attention + 3 * hidden * inter + 2 * hidden  # gated MLP and two RMSNorms
-    embeddings = vocab * hidden * (1 if arch.tie_word_embeddings else 2)
-    return embeddings + layers * per_layer + hidden  # final norm
+    """Exact parameter count (tested against the meta-device instantiation of the real classes)."""
+    return parameter_groups(arch).total
 
 
-def _dataset_lines(cfg: RunConfig) -> list[str]:
-    lines = []
-    for index, source in enumerate(cfg.dataset.sources):
-        share = f"{source.rows} rows" if source.rows else f"{source.fraction:.0%}"
-        held = f"{source.test_size:g} of train held out" if source.test_size else f"eval={source.eval_split}"
-        label = "dataset" if index == 0 else "  mixed in"
-        lines.append(f"{label:<13}{source.name} ({source.schema}) from {source.path}: {share} of "
-                     f"{source.train_split}, {held}")
-    return lines
+def lora_parameter_count(arch: ArchitectureConfig, r: int, targets: tuple[str, ...]) -> int:
+    """r · (in + out) for every targeted projection in every layer."""
+    h, inter = arch.hidden_size, arch.intermediate_size
+    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    return arch.num_hidden_layers * sum(r * sum(shapes[t]) for t in targets if t in shapes)
 
 
-def describe(links: list[RunConfig]) -> str:
-    """Human-readable plan of every stage a command would run."""
-    parts = []
-    for index, cfg in enumerate(links, start=1):
-        params = parameter_count(cfg.model.architecture)
-        weight_gib = params * _BYTES.get(cfg.model.dtype, 2) / 2**30
-        if cfg.parent_run:
-            start = f"the model of {cfg.parent_run}"
-        elif index > 1:
-            start = "the previous stage's model"
-        elif cfg.model.tiny:
-            start = f"tiny twin built offline from model.architecture (seed {cfg.seed})"
-        else:
-            start = f"{cfg.model.name_or_path} ({'offline: local copy required' if is_offline(cfg) else 'hub or local'})"
-        stage = cfg.stage
-        steps = f"max_steps={stage.max_steps}" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epoch(s)"
-        lines = [
-            f"== stage {index}/{len(links)}: {stage.name} with {TRAINERS[stage.name]} ==",
-            f"model        {cfg.model.name}: {params:,} parameters ({weight_gib:.2f} GiB of {cfg.model.dtype} weights)",
-            f"starts from  {start}",
-            f"peft         {cfg.peft.method}",
-            *_dataset_lines(cfg),
-            f"training     {steps}, lr={cfg.learning_rate:g}, micro batch {stage.per_device_train_batch_size} × "
-            f"accumulation {stage.gradient_accumulation_steps}, max_length={stage.max_length}"
-            + (f", max_prompt_length={prompt_budget(cfg)}" if stage.name == "dpo" else "")
-            + (f", beta={cfg.beta:g}" if stage.name == "dpo" else ""),
-            f"backend      {cfg.backend.name} (device {cfg.backend.device}, mixed precision {cfg.backend.mixed_precision})",
-            f"run dir      {cfg.run_dir or 'a fresh directory under outputs/'}",
-            "resolved configuration:",
-            yaml.safe_dump(masked_config(cfg), sort_keys=False).rstrip(),
-        ]
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n\ndry run: nothing was loaded or written."
+def plan_memory(i: PlanInputs) -> MemoryPlan:
+    a = ASSUMPTIONS
+    arch, groups = i.arch, parameter_groups(i.arch)
+    width = a["dtype_bytes"][i.dtype]
+    shards = i.world_size if i.backend in ("fsdp", "zero3") else 1
+    notes = []
+
+    # Frozen or trained weights of the policy.
+    if i.peft == "qlora":
+        full_weights = groups.linear * a["quant4_bytes"][i.double_quant] + (groups.total - groups.linear) * width
+    else:
+        full_weights = groups.total * width
+    if i.peft == "none":
+        trainable, train_width = groups.total, width
+    else:
+        trainable = lora_parameter_count(arch, i.lora_r, i.lora_targets)
+        lora_dtype = a["lora_dtype"][i.peft]
+        if i.backend == "zero3" and i.peft == "lora":
+            lora_dtype = i.dtype  # TRL keeps adapters in the base dtype under ZeRO-3 (mixed dtypes break it)
+        train_width = a["dtype_bytes"][lora_dtype]
+    adapters = trainable * train_width if i.peft != "none" else 0.0
+    weights = full_weights / shards
+    gradients = trainable * train_width / shards
+    if i.backend == "ddp":
+        gradients *= 1 + a["ddp_gradient_copies"]
+    if i.optimizer in a["optimizer_bytes_absolute"]:
+        optimizer = trainable * a["optimizer_bytes_absolute"][i.optimizer] / shards
+    else:
+        optimizer = trainable * train_width * a["optimizer_states"].get(i.optimizer, 2) / shards
+
+    reference = {"adapter_copy": adapters, "base": 0.0, "precomputed": 0.0,
+                 "separate": full_weights}.get(i.reference, 0.0) / shards
+    if i.reference == "precomputed":
+        notes.append("ref=precomputed: one forward pass over the data before training; no reference in memory")
+
+    gathered = 0.0
+    if shards > 1:
+        layer_bytes = full_weights / groups.total * (groups.per_layer_linear + 2 * arch.hidden_size)
+        root_bytes = (groups.embed + groups.head) * width
+        gathered = max(a["gathered_layers"] * layer_bytes, root_bytes if i.backend == "fsdp" else 0.0)
+
+    rows = i.micro_batch * (2 if i.stage == "dpo" else 1)
+    tokens = rows * i.seq_len
+    kv = arch.num_key_value_heads * (arch.hidden_size // arch.num_attention_heads)
+    act = a["layer_activation"]
+    per_layer = act["hidden"] * arch.hidden_size + act["kv"] * kv + act["intermediate"] * arch.intermediate_size
+    if i.peft != "none" and i.lora_dropout > 0:
+        drop = a["lora_dropout_activation"]
+        per_layer += drop["hidden"] * arch.hidden_size + drop["intermediate"] * arch.intermediate_size
+    if i.checkpointing:
+        per_token = arch.num_hidden_layers * arch.hidden_size + per_layer  # layer inputs + one layer recomputed
+    else:
+        per_token = arch.num_hidden_layers * per_layer
+    activations = tokens * per_token * width
+    logits = tokens * arch.vocab_size * a["logit_bytes_per_vocab_entry"][i.stage]
+
+    terms = {"weights": weights, "trainable weights": adapters / shards, "gradients": gradients,
+             "optimizer": optimizer, "reference": reference, "gathered for compute": gathered,
+             "activations": activations, "logits": logits}
+    terms["overhead"] = a["overhead_fraction"] * sum(terms.values())
+    return MemoryPlan(i, terms, notes)
+
+
+def plan_inputs(cfg: RunConfig, reference: str, dtype: Optional[str] = None, backend: Optional[str] = None,
+                world_size: Optional[int] = None) -> PlanInputs:
+    """The planner's inputs for a composed run; dtype/backend/world_size override the config's (for what-ifs
+    and for CPU runs, which train in float32)."""
+    from .modeling import linear_module_names
+
+    peft = cfg.peft
+    targets = peft.target_modules
+    if isinstance(targets, str):  # all-linear: every projection but the output head
+        targets = tuple(t for t in linear_module_names(cfg.model.architecture) if t != "lm_head")
+    return PlanInputs(
+        arch=cfg.model.architecture, stage=cfg.stage.name, dtype=dtype or cfg.model.dtype, peft=peft.method,
+        lora_r=peft.r, lora_dropout=peft.dropout, lora_targets=tuple(targets), double_quant=peft.double_quant,
+        reference=reference if cfg.stage.name == "dpo" else "base", optimizer=cfg.stage.optim,
+        backend=backend or cfg.backend.name, world_size=world_size or cfg.launcher.num_processes,
+        micro_batch=cfg.stage.per_device_train_batch_size, seq_len=cfg.stage.max_length,
+        checkpointing=cfg.model.gradient_checkpointing, gpu_memory_gb=cfg.launcher.gpu_memory_gb)
+
+
+def what_if(inputs: PlanInputs, **changes) -> MemoryPlan:
+    return plan_memory(replace(inputs, **changes))

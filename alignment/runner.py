@@ -14,11 +14,12 @@ from typing import Any
 from . import __version__
 from .compose import compose_run_config, link_overrides
 from .config import ConfigError, RunConfig, freeze
-from .modeling import starting_point
-from .plan import describe
+from .modeling import attention_implementation
+from .dryrun import describe
 from .rundir import (RunDir, check_resume_matches, check_run_dir, last_complete_checkpoint, new_run_path,
                      read_summary, update_summary, write_config)
 from .stages import stage_module
+from .start import lineage, prepare_start, resolve_start
 from .tracking import (CheckpointMarker, MetricsWriter, attach_run_log, detach_run_log, format_table, read_metrics,
                        train_records, truncate_metrics)
 from .validation import is_offline, validate
@@ -63,14 +64,18 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         write_config(run, cfg)
     handler = attach_run_log(run)
     try:
-        source = starting_point(cfg)
+        start = prepare_start(cfg)
         update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
-                       start_model=str(source), parent_run=cfg.parent_run,
+                       start_model=str(start.weights), parent_run=cfg.parent_run, lineage=lineage(cfg, start),
+                       attention=attention_implementation(cfg),
                        resumed_from=str(resume_from) if resume_from else None, versions=_versions())
-        log.info("%s stage in %s, starting from %s", cfg.stage.name, run.path, source)
+        log.info("%s stage in %s, starting from %s %s", cfg.stage.name, run.path, start.kind,
+                 start.adapter or start.weights)
         metrics_writer = MetricsWriter(run)
-        trainer = stage_module(cfg.stage.name).build_trainer(
-            cfg, run, source, callbacks=[metrics_writer, CheckpointMarker(run), *callbacks])
+        stage = stage_module(cfg.stage.name)
+        trainer = stage.build_trainer(cfg, run, start, callbacks=[metrics_writer, CheckpointMarker(run), *callbacks])
+        if hasattr(stage, "reference_summary"):
+            update_summary(run, reference=stage.reference_summary(trainer))
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
         trainer.save_model(str(run.model))
@@ -88,18 +93,18 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
     return StageOutcome(run=run, summary=summary, trainer=trainer)
 
 
-def report_data(cfg: RunConfig, parent_created_by_chain: bool = False) -> dict[str, Any]:
+def report_data(cfg: RunConfig, previous: RunConfig | None = None) -> dict[str, Any]:
     """Prepare the stage's data without loading weights; write data_report.json and print the report."""
     from .data import format_report
     from .stages.common import prepare_data
 
-    validate(cfg, parent_created_by_chain=parent_created_by_chain)
+    validate(cfg, previous=previous)
     run = RunDir(Path(cfg.run_dir))
     write_config(run, cfg)
     # A chain's DPO link reports before its SFT parent exists: SFT keeps the tokenizer, so the base's is used.
     parent_ready = cfg.parent_run and (RunDir(Path(cfg.parent_run)).model / "config.json").exists()
-    source = starting_point(cfg if parent_ready else dataclasses.replace(cfg, parent_run=None))
-    _, data = prepare_data(cfg, run, source)
+    start = resolve_start(cfg if parent_ready else dataclasses.replace(cfg, parent_run=None))
+    _, data = prepare_data(cfg, run, start.tokenizer)
     update_summary(run, status="data_report", stage=cfg.stage.name, run_dir=str(run.path), ended_at=_now())
     print(f"\n{format_report(data.report)}\n\nwritten: {run.data_report}")
     return data.report
@@ -126,7 +131,7 @@ def _pending_links(cfg: RunConfig, links: list[RunConfig]) -> list[RunConfig]:
             log.info("skipping finished %s link %s", link.stage.name, link.run_dir)
             continue
         link = freeze(dataclasses.replace(link, resume=bool(cfg.resume and summary)))
-        validate(link, parent_created_by_chain=index > 0)
+        validate(link, previous=links[index - 1] if index > 0 else None)
         pending.append(link)
     return pending
 
@@ -167,6 +172,7 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         datasets.disable_progress_bars()
+        os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference precompute reads this
         hf_logging.disable_progress_bar()
 
 
@@ -183,8 +189,9 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
         print(describe(chain_configs(cfg, user_overrides, path) if chained else [cfg]))
         return None
     if cfg.data_report:
-        for index, link in enumerate(chain_configs(cfg, user_overrides, path) if chained else [cfg]):
-            report_data(link, parent_created_by_chain=index > 0)
+        links = chain_configs(cfg, user_overrides, path) if chained else [cfg]
+        for index, link in enumerate(links):
+            report_data(link, previous=links[index - 1] if index > 0 else None)
         return path
     if chained:
         check_run_dir(path, cfg.resume)

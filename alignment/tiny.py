@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .config import FIXTURES_DIR, ModelConfig, as_dict
+from .templates import CHATML_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +27,6 @@ BUILDER_VERSION = 1
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
-
-# ChatML, as the Qwen2.5 instruct models use it. The {% generation %} markers let TRL compute
-# assistant-only masks; rendering a prompt with add_generation_prompt yields an exact text prefix of
-# the prompt followed by its answer, which DPO's prompt/completion split relies on.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 # Plain prose so that the tokenizer also covers ordinary words, not only the arithmetic fixtures.
 _PROSE = (

@@ -9,8 +9,10 @@ from .config import DATASET_FORMAT_FOR_STAGE, STAGES, ConfigError, RunConfig
 from .data import SCHEMAS, check_sources, source_key
 from .data.loading import settings_error
 from .data.schemas import PROBLEM_KINDS
-from .modeling import check_model_source
+from .modeling import check_model_source, check_target_modules
+from .reference import choose_reference
 from .rundir import RunDir, check_run_dir, is_finished
+from .start import is_adapter_dir, keeps_parent_adapter, parent_is_adapter
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -33,8 +35,11 @@ def _one_of(key: str, value: object, valid: tuple[str, ...]) -> None:
     _require(value in valid, f"{key}={value} is not supported. Valid values: {', '.join(valid)}.")
 
 
-def validate(cfg: RunConfig, parent_created_by_chain: bool = False) -> None:
-    """Raise ConfigError on the first problem. Filesystem checks are cheap; nothing is loaded."""
+def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
+    """Raise ConfigError on the first problem. Filesystem checks are cheap; nothing is loaded.
+
+    previous: the chain link before this one, whose run dir (this link's parent) does not exist yet.
+    """
     stage = cfg.stage
     _one_of("stage.name", stage.name, STAGES)
     _require(cfg.beta > 0, f"beta must be > 0 (got {cfg.beta}). It scales DPO's implicit reward; "
@@ -57,6 +62,7 @@ def validate(cfg: RunConfig, parent_created_by_chain: bool = False) -> None:
              f"max_length {stage.max_length}): a prompt must leave room for the response.")
     _check_dataset(cfg)
 
+    _check_model_type(cfg)
     _one_of("model.dtype", cfg.model.dtype, _DTYPES)
     _one_of("backend.name", cfg.backend.name, _BACKENDS)
     _one_of("backend.device", cfg.backend.device, _DEVICES)
@@ -65,15 +71,20 @@ def validate(cfg: RunConfig, parent_created_by_chain: bool = False) -> None:
     _require(cfg.peft.method == "none" or cfg.peft.r >= 1, f"peft.r must be >= 1 (got {cfg.peft.r}).")
     if cfg.peft.method == "qlora":
         _check_qlora(cfg)
+    check_target_modules(cfg)
+    _check_launcher(cfg)
     if not cfg.dry_run:
         _check_devices(cfg)
 
-    if cfg.parent_run and not parent_created_by_chain:
+    if cfg.parent_run and previous is None:
         _check_parent(Path(cfg.parent_run))
+    _check_start_and_reference(cfg, previous)
     if cfg.dry_run:
         return  # a dry run loads nothing, so missing weights or data are reported in the plan, not refused
     if not cfg.parent_run:
         check_model_source(cfg.model, is_offline(cfg))
+    if stage.name == "dpo" and cfg.ref.name == "separate":
+        check_model_source(cfg.model, is_offline(cfg), path=cfg.ref.path, key="ref.path")
     check_sources(cfg.dataset, is_offline(cfg))
     if cfg.run_dir is not None:
         check_run_dir(Path(cfg.run_dir), cfg.resume)
@@ -133,6 +144,37 @@ def _check_parent(parent: Path) -> None:
     _require(is_finished(parent), f"parent_run={parent} is not a finished run (summary.json status is not "
                                   f"'finished'). Finish or resume it first.")
     model = RunDir(parent).model
-    _require((model / "config.json").exists(),
-             f"parent_run={parent} has no full model in {model} (a LoRA adapter cannot be a starting point "
-             f"yet). Run the parent stage with peft=none.")
+    _require((model / "config.json").exists() or is_adapter_dir(model),
+             f"parent_run={parent} has no saved model in {model} (neither config.json nor adapter_config.json). "
+             f"Point parent_run at a run that finished training and saved its model.")
+
+
+def _check_start_and_reference(cfg: RunConfig, previous: RunConfig | None) -> None:
+    _one_of("parent_adapter", cfg.parent_adapter, ("auto", "keep", "merge"))
+    from_adapter = parent_is_adapter(cfg, previous)
+    _require(not (from_adapter and cfg.parent_adapter == "keep" and cfg.peft.method == "none"),
+             "parent_adapter=keep trains the parent's LoRA adapter further, which needs peft=lora or peft=qlora. "
+             "Use parent_adapter=merge (or auto) to fold it into its base and train every weight.")
+    if cfg.stage.name == "dpo":
+        choose_reference(cfg, adapter_kept=keeps_parent_adapter(cfg, from_adapter))
+
+
+def _check_model_type(cfg: RunConfig) -> None:
+    from transformers import CONFIG_MAPPING
+
+    model_type = cfg.model.architecture.model_type
+    _require(model_type in CONFIG_MAPPING,
+             f"model.architecture.model_type={model_type} is not a model type transformers knows (e.g. qwen2, "
+             f"mistral, llama). Copy model_type from the checkpoint's config.json.")
+    template = cfg.model.tokenizer.chat_template
+    _require(template in (None, "chatml", "zephyr"), f"model.tokenizer.chat_template={template} is not supported. "
+             f"Valid values: chatml, zephyr, or null for the tokenizer's own template.")
+
+
+def _check_launcher(cfg: RunConfig) -> None:
+    launcher = cfg.launcher
+    _require(launcher.num_processes >= 1, f"launcher.num_processes must be >= 1 (got {launcher.num_processes}).")
+    _require(1 <= launcher.num_machines <= launcher.num_processes,
+             f"launcher.num_machines must be in [1, launcher.num_processes] (got {launcher.num_machines} machines "
+             f"for {launcher.num_processes} processes).")
+    _require(launcher.gpu_memory_gb > 0, f"launcher.gpu_memory_gb must be > 0 (got {launcher.gpu_memory_gb}).")

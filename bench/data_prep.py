@@ -27,13 +27,14 @@ MEASURE = r"""
 import json, sys, time
 from alignment.compose import compose_run_config
 from alignment.data import prepare
-from alignment.modeling import load_tokenizer, starting_point
+from alignment.modeling import load_tokenizer
+from alignment.start import resolve_start
 from alignment.runner import quiet_libraries
 
 quiet_libraries()
 cfg = compose_run_config(["stage=dpo", "dataset=ultrafeedback_binarized", f"dataset.path={sys.argv[1]}",
                           f"dataset.num_proc={sys.argv[2]}"])
-tokenizer = load_tokenizer(starting_point(cfg), cfg.model)
+tokenizer = load_tokenizer(resolve_start(cfg).tokenizer, cfg.model)
 start = time.perf_counter()
 data = prepare(cfg, tokenizer)
 elapsed = time.perf_counter() - start

@@ -53,10 +53,11 @@ DATASET_FIXTURES = {  # dataset option → (stage, committed fixture in the real
 def tiny_tokenizer():
     """The tiny Qwen2 twin's tokenizer with the configured pad token and ChatML template."""
     from alignment.compose import compose_run_config
-    from alignment.modeling import load_tokenizer, starting_point
+    from alignment.modeling import load_tokenizer
+    from alignment.start import resolve_start
 
     cfg = compose_run_config([])
-    return load_tokenizer(starting_point(cfg), cfg.model)
+    return load_tokenizer(resolve_start(cfg).tokenizer, cfg.model)
 
 
 def dataset_config(option: str, *overrides: str):
@@ -68,3 +69,28 @@ def dataset_config(option: str, *overrides: str):
     cfg = compose_run_config([f"stage={stage}", f"dataset={option}", f"dataset.path={path}", *overrides])
     validate(cfg)
     return cfg
+
+
+def train(tmp_path: Path, name: str, *overrides: str):
+    """One validated stage run in this process; returns the StageOutcome (trainer included)."""
+    from alignment.compose import compose_run_config
+    from alignment.runner import run_stage
+    from alignment.validation import validate
+
+    cfg = compose_run_config([*overrides, f"run_dir={tmp_path / name}"])
+    validate(cfg)
+    return run_stage(cfg)
+
+
+# Short DPO settings for the tiny twin: every reference option, LoRA and planner tests use them.
+SHORT_DPO = ["stage=dpo", "stage.max_steps=3", "stage.max_length=256", "stage.max_prompt_length=128",
+             "learning_rate=1e-3", "stage.per_device_train_batch_size=8", "stage.eval_steps=null"]
+
+
+@pytest.fixture(scope="session")
+def lora_sft_run(tmp_path_factory):
+    """An SFT run that saved a LoRA adapter (the parent for adapter_copy and merge)."""
+    outcome = train(tmp_path_factory.mktemp("lora-sft"), "sft", "stage=sft", "peft=lora", "stage.max_steps=8",
+                    "learning_rate=3e-3", "stage.max_length=256", "stage.per_device_train_batch_size=16")
+    assert outcome.summary["status"] == "finished"
+    return outcome.run.path

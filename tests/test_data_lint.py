@@ -9,7 +9,7 @@ import pytest
 from alignment.config import ConfigError
 from alignment.data import prepare
 from alignment.data.lint import lint
-from alignment.tiny import CHATML_TEMPLATE
+from alignment.templates import CHATML_TEMPLATE
 
 from .conftest import DATASET_FIXTURES, dataset_config
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from transformers.trainer_callback import PrinterCallback
 
 from ..config import RunConfig
 from ..data import PreparedData, prepare
-from ..modeling import load_model, load_tokenizer, lora_config, mixed_precision, uses_cuda
+from ..modeling import load_policy, load_tokenizer, lora_config, mixed_precision, uses_cuda
 from ..rundir import RunDir, write_json
+from ..start import StartingPoint
 
 
 def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, Any]:
@@ -64,10 +65,14 @@ def prepare_data(cfg: RunConfig, run: RunDir, source) -> tuple[Any, PreparedData
     return tokenizer, data
 
 
-def build_trainer(cfg: RunConfig, run: RunDir, source, callbacks, config_class, trainer_class, **stage_arguments):
-    """Tokenizer, then data (bad rows stop the run before any weights load), then weights, into a TRL trainer."""
-    tokenizer, data = prepare_data(cfg, run, source)
-    model = load_model(source, cfg)
+def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, config_class, trainer_class,
+                  trainer_extras: Callable[[PreparedData], dict] | None = None, **stage_arguments):
+    """Tokenizer, then data (bad rows stop the run before any weights load), then weights, into a TRL trainer.
+
+    trainer_extras(data) gives stage-specific trainer arguments that need the prepared data (DPO's reference).
+    """
+    tokenizer, data = prepare_data(cfg, run, start.tokenizer)
+    model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
     trainer = trainer_class(
         model=model,
@@ -75,8 +80,10 @@ def build_trainer(cfg: RunConfig, run: RunDir, source, callbacks, config_class, 
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.peft),
+        # A kept parent adapter is already on the model and keeps its own LoRA settings.
+        peft_config=None if start.has_adapter else lora_config(cfg.peft),
         callbacks=list(callbacks),
+        **(trainer_extras(data) if trainer_extras else {}),
     )
     trainer.remove_callback(PrinterCallback)  # MetricsWriter logs compact lines instead of every dict
     return trainer

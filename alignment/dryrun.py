@@ -1,0 +1,80 @@
+"""What a run would do, computed from the config alone (no weights, no network): the dry-run report."""
+
+from __future__ import annotations
+
+import yaml
+
+from .config import RunConfig
+from .data.pipeline import prompt_budget
+from .plan import ASSUMPTIONS, parameter_count, plan_inputs, plan_memory
+from .reference import choose_reference
+from .start import keeps_parent_adapter, parent_is_adapter
+from .rundir import masked_config
+from .validation import is_offline
+
+TRAINERS = {"sft": "trl.SFTTrainer", "dpo": "trl.DPOTrainer"}
+
+
+def _dataset_lines(cfg: RunConfig) -> list[str]:
+    lines = []
+    for index, source in enumerate(cfg.dataset.sources):
+        share = f"{source.rows} rows" if source.rows else f"{source.fraction:.0%}"
+        held = f"{source.test_size:g} of train held out" if source.test_size else f"eval={source.eval_split}"
+        label = "dataset" if index == 0 else "  mixed in"
+        lines.append(f"{label:<13}{source.name} ({source.schema}) from {source.path}: {share} of "
+                     f"{source.train_split}, {held}")
+    return lines
+
+
+def _memory_lines(cfg: RunConfig, reference: str) -> str:
+    """The plan for the configured backend, and the same run on each multi-GPU backend for comparison."""
+    inputs = plan_inputs(cfg, reference)
+    lines = [plan_memory(inputs).format()]
+    world = max(cfg.launcher.num_processes, 2)
+    others = []
+    for backend in ("ddp", "fsdp", "zero3"):
+        other = plan_memory(plan_inputs(cfg, reference, backend=backend, world_size=world))
+        others.append(f"{backend} {other.total / 1e9:.1f} GB ({'fits' if other.fits else 'does not fit'})")
+    lines.append(f"same run on {world} GPUs per device: " + ", ".join(others))
+    return "\n".join(lines)
+
+
+def describe(links: list[RunConfig]) -> str:
+    """Human-readable plan of every stage a command would run, with its memory plan."""
+    parts = []
+    for index, cfg in enumerate(links, start=1):
+        previous = links[index - 2] if index > 1 else None
+        params = parameter_count(cfg.model.architecture)
+        weight_gib = params * ASSUMPTIONS["dtype_bytes"][cfg.model.dtype] / 2**30
+        adapter_kept = keeps_parent_adapter(cfg, parent_is_adapter(cfg, previous))
+        reference = choose_reference(cfg, adapter_kept) if cfg.stage.name == "dpo" else None
+        if cfg.parent_run:
+            start = f"the model of {cfg.parent_run}"
+        elif index > 1:
+            start = "the previous stage's model"
+        elif cfg.model.tiny:
+            start = f"tiny twin built offline from model.architecture (seed {cfg.seed})"
+        else:
+            start = f"{cfg.model.name_or_path} ({'offline: local copy required' if is_offline(cfg) else 'hub or local'})"
+        stage = cfg.stage
+        steps = f"max_steps={stage.max_steps}" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epoch(s)"
+        lines = [
+            f"== stage {index}/{len(links)}: {stage.name} with {TRAINERS[stage.name]} ==",
+            f"model        {cfg.model.name}: {params:,} parameters ({weight_gib:.2f} GiB of {cfg.model.dtype} weights)",
+            f"starts from  {start}",
+            f"peft         {cfg.peft.method}" + (" (training the parent's adapter further)" if adapter_kept else ""),
+            *([f"reference    {reference.option}"
+               + (f" (ref=auto: {reference.reason})" if reference.requested == "auto" else "")] if reference else []),
+            *_dataset_lines(cfg),
+            f"training     {steps}, lr={cfg.learning_rate:g}, micro batch {stage.per_device_train_batch_size} × "
+            f"accumulation {stage.gradient_accumulation_steps}, max_length={stage.max_length}"
+            + (f", max_prompt_length={prompt_budget(cfg)}" if stage.name == "dpo" else "")
+            + (f", beta={cfg.beta:g}" if stage.name == "dpo" else ""),
+            f"backend      {cfg.backend.name} (device {cfg.backend.device}, mixed precision {cfg.backend.mixed_precision})",
+            f"run dir      {cfg.run_dir or 'a fresh directory under outputs/'}",
+            _memory_lines(cfg, reference.option if reference else "base"),
+            "resolved configuration:",
+            yaml.safe_dump(masked_config(cfg), sort_keys=False).rstrip(),
+        ]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n\ndry run: nothing was loaded or written."
