@@ -71,7 +71,7 @@ class ArchitectureConfig(_Frozen):
 class TokenizerConfig(_Frozen):
     pad_token: Optional[str] = None
     padding_side: str = "right"
-    # "chatml": our ChatML template (with generation markers); null: the tokenizer's own template.
+    # chatml | zephyr: our templates (alignment/templates.py, with generation markers); null: the tokenizer's own.
     chat_template: Optional[str] = None
 
 
@@ -83,7 +83,7 @@ class ModelConfig(_Frozen):
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dtype: str = "float32"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # flash_attention_2 falls back to sdpa, then eager (modeling.py)
     gradient_checkpointing: bool = False
     # Reentrant checkpointing (seed 000 uses True); PEFT under DeepSpeed ZeRO-3 needs it.
     use_reentrant: bool = True

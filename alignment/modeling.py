@@ -98,8 +98,26 @@ def load_model(source: Path | str, cfg: RunConfig):
     return model
 
 
+_CHECKED_FACTS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "vocab_size")
+
+
+def check_architecture(source: Path | str, cfg: RunConfig) -> None:
+    """The checkpoint must be the architecture the YAML describes: plans and LoRA checks were made from it."""
+    from transformers import AutoConfig
+
+    actual = AutoConfig.from_pretrained(str(source))
+    declared = cfg.model.architecture
+    wrong = [f"{k}: {getattr(declared, k)} in conf/model/{cfg.model.name}.yaml, {getattr(actual, k, None)} in "
+             f"config.json" for k in _CHECKED_FACTS if getattr(declared, k) != getattr(actual, k, None)]
+    if wrong:
+        raise ConfigError(f"{source} is not the architecture model={cfg.model.name} declares ({'; '.join(wrong)}). "
+                          f"Fix model.architecture or point model.name_or_path at the right checkpoint.")
+
+
 def load_policy(start, cfg: RunConfig):
     """The model a stage trains: full weights, or a kept parent adapter (trainable) on its base."""
+    check_architecture(start.weights, cfg)
     model = load_model(start.weights, cfg)
     if not start.has_adapter:
         return model

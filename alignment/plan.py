@@ -35,11 +35,19 @@ ASSUMPTIONS = {
     # Sharded backends gather whole decoder layers around the one computing: itself plus one prefetched.
     "gathered_layers": 2,
     # Activation elements saved per token per decoder layer for backward (HF Llama/Qwen2/Mistral layer,
-    # sdpa attention): two RMSNorm inputs and outputs, q, attention output and o_proj input = 7h, k and v
-    # = 2·kv, and gate, up, SiLU(gate), SiLU·up = 4·intermediate.
-    "layer_activation": {"hidden": 7, "kv": 2, "intermediate": 4},
-    # LoRA dropout keeps a dropped copy of each target's input: q, k, v, o, gate, up take h; down takes I.
-    "lora_dropout_activation": {"hidden": 6, "intermediate": 1},
+    # sdpa attention): two RMSNorm inputs and outputs, q, attention output, o_proj input and the norms' and
+    # rotary embedding's intermediates ≈ 8h, k and v = 2·kv, and gate, up, SiLU(gate), SiLU·up = 4·I.
+    # Checked against the tensors autograd saves (tests/test_plan.py): within a few percent.
+    "layer_activation": {"hidden": 8, "kv": 2, "intermediate": 4},
+    # LoRA dropout keeps a dropped copy of each target's input and a 1-byte mask: q, k, v, o, gate and up
+    # take h, down takes I; each of the 7 adapters also saves its rank-r intermediate.
+    "lora_dropout_activation": {"hidden": 6, "intermediate": 1, "mask_bytes": 1, "rank_outputs": 7},
+    # A frozen base needs no weight gradients, so autograd skips the inputs kept only for them (the two
+    # RMSNorm outputs for their weights and part of the attention block): about 3.5h fewer elements.
+    "frozen_base_saving_hidden": 3.5,
+    # Backward holds, on top of what was saved, the gradients flowing through the layer it is in and the
+    # one before (and, with checkpointing, the layer it rebuilds): two layers' activations.
+    "backward_layers": 2,
     # SFT materialises the logits (compute dtype), their fp32 upcast for the loss and its gradient;
     # TRL's DPO trainer uses a tiled LM head and keeps no full logits.
     "logit_bytes_per_vocab_entry": {"sft": 8, "dpo": 0},
@@ -99,7 +107,7 @@ class MemoryPlan:
             tips.append("quantize the frozen base to 4 bits: peft=qlora")
         if "reference" in big:
             tips.append("drop the in-memory reference: ref=precomputed, or ref=base / adapter_copy with LoRA")
-        if "activations" in big or "logits" in big:
+        if "activations" in big or "logits" in big or "backward working set" in big:
             if not i.checkpointing:
                 tips.append("recompute activations: model.gradient_checkpointing=true")
             tips.append("a smaller stage.per_device_train_batch_size (raise gradient_accumulation_steps) or "
@@ -212,20 +220,25 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
     tokens = rows * i.seq_len
     kv = arch.num_key_value_heads * (arch.hidden_size // arch.num_attention_heads)
     act = a["layer_activation"]
-    per_layer = act["hidden"] * arch.hidden_size + act["kv"] * kv + act["intermediate"] * arch.intermediate_size
-    if i.peft != "none" and i.lora_dropout > 0:
+    per_layer = (act["hidden"] * arch.hidden_size + act["kv"] * kv + act["intermediate"] * arch.intermediate_size
+                 ) * width
+    if i.peft != "none":
         drop = a["lora_dropout_activation"]
-        per_layer += drop["hidden"] * arch.hidden_size + drop["intermediate"] * arch.intermediate_size
-    if i.checkpointing:
-        per_token = arch.num_hidden_layers * arch.hidden_size + per_layer  # layer inputs + one layer recomputed
+        per_layer += (drop["rank_outputs"] * i.lora_r - a["frozen_base_saving_hidden"] * arch.hidden_size) * width
+        if i.lora_dropout > 0:
+            dropped = drop["hidden"] * arch.hidden_size + drop["intermediate"] * arch.intermediate_size
+            per_layer += dropped * (width + drop["mask_bytes"])
+    if i.checkpointing:  # each layer's input is kept; one layer's activations are rebuilt at a time
+        per_token = arch.num_hidden_layers * arch.hidden_size * width + per_layer
     else:
         per_token = arch.num_hidden_layers * per_layer
-    activations = tokens * per_token * width
+    activations = tokens * per_token
+    backward = tokens * per_layer * a["backward_layers"]
     logits = tokens * arch.vocab_size * a["logit_bytes_per_vocab_entry"][i.stage]
 
     terms = {"weights": weights, "trainable weights": adapters / shards, "gradients": gradients,
              "optimizer": optimizer, "reference": reference, "gathered for compute": gathered,
-             "activations": activations, "logits": logits}
+             "activations": activations, "backward working set": backward, "logits": logits}
     terms["overhead"] = a["overhead_fraction"] * sum(terms.values())
     return MemoryPlan(i, terms, notes)
 

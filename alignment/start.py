@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -125,6 +126,7 @@ def merge_adapter(adapter_dir: Path, target: Path, cfg: RunConfig) -> Path:
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(cfg.model.dtype))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted merge
     merged.save_pretrained(staging)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(staging)
     staging.rename(target)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from .conftest import run_cli
@@ -24,6 +27,17 @@ CASES = {
                                       "stage.max_prompt_length must be null or in [1, stage.max_length)"),
     "hub dataset offline": (["stage=dpo", "dataset=ultrafeedback_binarized", "offline=true"],
                             "--local-dir data/ultrafeedback_binarized"),
+    "lora target absent": (["peft=lora", "peft.target_modules=[q_proj,attn_out]"],
+                           "names attn_out, which tiny_qwen2 (qwen2) does not have. Its linear layers are: "
+                           "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    "separate reference without path": (["stage=dpo", "ref=separate"], "ref=separate needs ref.path"),
+    "adapter_copy without an adapter parent": (["stage=dpo", "peft=lora", "ref=adapter_copy"],
+                                               "ref=adapter_copy needs a policy that starts from a parent"),
+    "base reference with full fine-tuning": (["stage=dpo", "ref=base"], "ref=base disables the LoRA adapter"),
+    "architecture facts missing": (["model=mistral7b", "model.architecture.hidden_size=???",
+                                    "model.architecture.vocab_size=???", "dry_run=true"],
+                                   "model mistral7b is missing architecture facts: hidden_size, vocab_size"),
+    "unknown model type": (["model.architecture.model_type=gpt9"], "model_type=gpt9 is not a model type"),
     "bad sweep member": (["--multirun", "beta=0.1,-1"], "sweep member [beta=-1]: beta must be > 0"),
 }
 
@@ -50,3 +64,29 @@ def test_finished_run_dir_is_never_overwritten(demo_run, tmp_path):
 def test_resume_of_a_finished_run_is_refused(demo_run, tmp_path):
     result = run_cli("stage=sft", f"run_dir={demo_run['dir'] / '1-sft'}", "resume=true", cwd=tmp_path)
     assert result.returncode == 2 and "finished" in result.stderr
+
+
+def test_chained_dpo_from_a_run_without_a_finished_model_is_refused(tmp_path):
+    """Exit 2 before anything loads: a parent still running, and a finished parent that saved no model."""
+    running, empty = tmp_path / "running", tmp_path / "empty"
+    for parent, status in ((running, "running"), (empty, "finished")):
+        parent.mkdir()
+        (parent / "summary.json").write_text(json.dumps({"status": status}))
+    work = tmp_path / "work"
+    work.mkdir()
+    for parent, message in ((running, "is not a finished run"), (empty, "has no saved model")):
+        result = run_cli("stage=dpo", f"parent_run={parent}", cwd=work)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (work / "outputs").exists()
+
+
+def test_qlora_where_bitsandbytes_cannot_load_exits_2(tmp_path):
+    """A bitsandbytes that fails to import (no native library for this machine) stops before any loading."""
+    fake = tmp_path / "site" / "bitsandbytes"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no native library for this platform')\n")
+    result = run_cli("stage=dpo", "peft=qlora", cwd=tmp_path,
+                     env={"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "peft=qlora needs bitsandbytes" in result.stderr and "use peft=lora" in result.stderr
+    assert not (tmp_path / "outputs").exists()

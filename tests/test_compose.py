@@ -17,12 +17,13 @@ from .conftest import run_cli
 
 
 def _combinations():
-    groups = config_groups()
+    # ref options depend on peft and the parent run; test_ref_options_compose covers them on their own.
+    groups = [g for g in config_groups() if g != "ref"]
     return [dict(zip(groups, choice)) for choice in itertools.product(*(group_options(g) for g in groups))]
 
 
 def test_conf_has_the_groups_of_the_product():
-    assert {"model", "stage", "dataset", "backend", "peft", "experiment"} <= set(config_groups())
+    assert {"model", "stage", "dataset", "backend", "peft", "ref", "experiment"} <= set(config_groups())
     assert {"tiny_qwen2", "tiny_mistral", "mistral7b", "qwen72b"} <= set(group_options("model"))
 
 
@@ -37,6 +38,24 @@ def test_every_combination_composes(choice):
     else:
         with pytest.raises(ConfigError, match=f"stage={cfg.stage.name} trains on"):
             validate(cfg)
+
+
+REF_ERRORS = {("adapter_copy", "none"): "ref=adapter_copy needs", ("adapter_copy", "lora"): "ref=adapter_copy needs",
+              ("adapter_copy", "qlora"): "ref=adapter_copy needs", ("base", "none"): "ref=base disables",
+              ("separate", "none"): "ref=separate needs ref.path", ("separate", "lora"): "ref=separate needs ref.path",
+              ("separate", "qlora"): "ref=separate needs ref.path"}
+
+
+@pytest.mark.parametrize("ref", group_options("ref"))
+@pytest.mark.parametrize("peft", group_options("peft"))
+def test_ref_options_compose_and_validate_or_say_what_they_need(ref, peft):
+    cfg = compose_run_config(["stage=dpo", f"peft={peft}", f"ref={ref}", "dry_run=true"])
+    assert cfg.ref.name == ref
+    if (ref, peft) in REF_ERRORS:
+        with pytest.raises(ConfigError, match=REF_ERRORS[ref, peft]):
+            validate(cfg)
+    else:
+        validate(cfg)
 
 
 def test_run_config_is_frozen():
