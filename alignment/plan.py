@@ -46,8 +46,9 @@ ASSUMPTIONS = {
     # RMSNorm outputs for their weights and part of the attention block): about 3.5h fewer elements.
     "frozen_base_saving_hidden": 3.5,
     # Backward holds, on top of what was saved, the gradients flowing through the layer it is in and the
-    # one before (and, with checkpointing, the layer it rebuilds): two layers' activations.
-    "backward_layers": 2,
+    # one before: two layers' activations. With checkpointing the layer being rebuilt is that working set,
+    # already counted as the one recomputed layer. Calibrated on the 105M twin (BENCHMARKS.md).
+    "backward_layers": {False: 2, True: 0},
     # SFT materialises the logits (compute dtype), their fp32 upcast for the loss and its gradient;
     # TRL's DPO trainer uses a tiled LM head and keeps no full logits.
     "logit_bytes_per_vocab_entry": {"sft": 8, "dpo": 0},
@@ -233,7 +234,7 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
     else:
         per_token = arch.num_hidden_layers * per_layer
     activations = tokens * per_token
-    backward = tokens * per_layer * a["backward_layers"]
+    backward = tokens * per_layer * a["backward_layers"][i.checkpointing]
     logits = tokens * arch.vocab_size * a["logit_bytes_per_vocab_entry"][i.stage]
 
     terms = {"weights": weights, "trainable weights": adapters / shards, "gradients": gradients,
