@@ -46,9 +46,10 @@ ASSUMPTIONS = {
     # RMSNorm outputs for their weights and part of the attention block): about 3.5h fewer elements.
     "frozen_base_saving_hidden": 3.5,
     # Backward holds, on top of what was saved, the gradients flowing through the layer it is in and the
-    # one before: two layers' activations. With checkpointing the layer being rebuilt is that working set,
-    # already counted as the one recomputed layer. Calibrated on the 105M twin (BENCHMARKS.md).
-    "backward_layers": {False: 2, True: 0},
+    # one before: two layers' activations. With checkpointing the layer being rebuilt is most of that
+    # working set (counted as the one recomputed layer); a third of a layer more covers the rest. Both
+    # factors are fitted on the 105M twin's measured peaks (BENCHMARKS.md), not derived.
+    "backward_layers": {False: 2, True: 0.35},
     # SFT materialises the logits (compute dtype), their fp32 upcast for the loss and its gradient;
     # TRL's DPO trainer uses a tiled LM head and keeps no full logits.
     "logit_bytes_per_vocab_entry": {"sft": 8, "dpo": 0},

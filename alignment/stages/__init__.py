@@ -1,4 +1,4 @@
-"""One module per training stage; each exposes `build_trainer(cfg, run, source, callbacks)`."""
+"""One module per training stage; each exposes `build_trainer(cfg, run, start, callbacks)`."""
 
 from __future__ import annotations
 
