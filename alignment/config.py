@@ -96,7 +96,10 @@ class StageConfig(_Frozen):
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    # Sequences per optimizer step over all processes: the recipe's number. Gradient accumulation is derived
+    # from it (alignment/batch.py), so a run keeps its global batch when the GPU count changes.
+    # null: no target, one micro batch per process per step (the global batch then grows with the GPU count).
+    global_batch_size: Optional[int] = None
     max_length: int = 1024
     # Prompt budget for preference rows, applied by alignment.data before TRL (which no longer has
     # max_prompt_length): the oldest turns go first, the final user turn always stays; null: max_length - 1.
@@ -161,10 +164,39 @@ class DatasetConfig(SourceConfig):
 
 
 @dataclass
+class FsdpSettings(_Frozen):
+    """backend=fsdp: FSDP2 through accelerate. Values live in conf/backend/fsdp.yaml."""
+
+    wrap_class: Optional[str] = None          # null: the model's decoder layer class (e.g. Qwen2DecoderLayer)
+    reshard_after_forward: bool = MISSING     # free gathered layers after forward (ZeRO-3-like memory)
+    state_dict_type: str = MISSING            # checkpoints: SHARDED_STATE_DICT (each rank its shard) | FULL_STATE_DICT
+    cpu_ram_efficient_loading: bool = MISSING  # rank 0 reads the weights, the others start empty and receive them
+    offload_params: bool = MISSING            # keep sharded parameters in CPU memory between uses
+
+
+@dataclass
+class ZeroSettings(_Frozen):
+    """backend=zero3: DeepSpeed ZeRO stage 3. Values live in conf/backend/zero3.yaml (seed 000's json)."""
+
+    overlap_comm: bool = MISSING
+    contiguous_gradients: bool = MISSING
+    reduce_bucket_size: int = MISSING
+    prefetch_bucket_size: int = MISSING          # stage3_prefetch_bucket_size
+    param_persistence_threshold: int = MISSING   # stage3_param_persistence_threshold: smaller params stay whole
+    gather_16bit_weights_on_model_save: bool = MISSING  # save a from_pretrained-loadable model, not only shards
+    zero3_init: bool = MISSING                   # build big models already partitioned
+    offload_optimizer: str = MISSING             # none | cpu
+    offload_param: str = MISSING                 # none | cpu
+    steps_per_print: int = MISSING
+
+
+@dataclass
 class BackendConfig(_Frozen):
     name: str = "single"
     device: str = "auto"
     mixed_precision: str = "auto"
+    fsdp: Optional[FsdpSettings] = None      # set by backend=fsdp
+    zero3: Optional[ZeroSettings] = None     # set by backend=zero3
 
 
 @dataclass
@@ -193,11 +225,16 @@ class RefConfig(_Frozen):
 
 @dataclass
 class LauncherConfig(_Frozen):
-    """The machines a run uses: the memory planner sizes per-device memory from these."""
+    """How many processes on how many machines; alignment/launch.py starts them, the planner sizes them."""
 
-    num_processes: int = 1         # processes (GPUs) in total
-    num_machines: int = 1          # nodes
-    gpu_memory_gb: float = 80.0    # memory per GPU the plan is checked against (H100/A100 80 GB)
+    # Processes (GPUs) over all machines. null: every visible GPU on each machine; on CPU, 1 for backend=single
+    # and 2 for the multi-process backends.
+    num_processes: Optional[int] = None
+    num_machines: int = 1                   # nodes; > 1 runs under SLURM (launchers/slurm.sbatch)
+    machine_rank: Optional[int] = None      # null: 0, or SLURM_NODEID under SLURM
+    main_process_ip: Optional[str] = None   # null: 127.0.0.1 on one machine, the first SLURM node on several
+    main_process_port: Optional[int] = None  # null: a free port on one machine, 29500 on several
+    gpu_memory_gb: float = 80.0             # memory per GPU the plan is checked against (H100/A100 80 GB)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, RunConfig, as_dict, flatten
+from .ranks import is_main_process
 from .secrets import redact
 
 OUTPUTS_ROOT = Path("outputs")
@@ -148,13 +149,17 @@ def check_resume_matches(run: RunDir, cfg: RunConfig) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a summary."""
+    """Write through a temporary file and rename, so a crash never leaves half a summary. Rank 0 only."""
+    if not is_main_process():
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(redact(obj), indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
 
 
 def write_config(run: RunDir, cfg: RunConfig) -> None:
+    if not is_main_process():
+        return
     run.path.mkdir(parents=True, exist_ok=True)
     tmp = run.config.with_name(".config.yaml.tmp")
     tmp.write_text(yaml.safe_dump(masked_config(cfg), sort_keys=False))
@@ -164,6 +169,8 @@ def write_config(run: RunDir, cfg: RunConfig) -> None:
 def update_summary(run: RunDir, **fields: Any) -> dict[str, Any]:
     summary = read_summary(run.path) or {}
     summary.update(fields)
+    if not is_main_process():
+        return summary  # only rank 0 writes the run dir's files
     write_json(run.summary, summary)
     return summary
 

@@ -14,10 +14,14 @@ from typing import Any
 from . import __version__
 from .compose import compose_run_config, link_overrides
 from .config import ConfigError, RunConfig, freeze
-from .modeling import attention_implementation
+from .modeling import attention_implementation, uses_cuda
+from .backends import engine_report, save_model
+from .batch import batch_plan
 from .dryrun import describe
-from .rundir import (RunDir, check_resume_matches, check_run_dir, last_complete_checkpoint, new_run_path,
-                     read_summary, update_summary, write_config)
+from .launch import LaunchFailed, launch, needs_launch, resolve_launcher, slurm_run_path
+from .ranks import init_process_group, is_main_process, launched_run_dir, main_process_first, shutdown_process_group
+from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, last_complete_checkpoint,
+                     new_run_path, read_summary, update_summary, write_config)
 from .stages import stage_module
 from .start import lineage, prepare_start, resolve_start
 from .tracking import (CheckpointMarker, MetricsWriter, attach_run_log, detach_run_log, format_table, read_metrics,
@@ -52,6 +56,12 @@ def _versions() -> dict[str, str]:
             "trl": trl.__version__}
 
 
+def batch_summary(cfg: RunConfig) -> dict[str, int]:
+    plan = batch_plan(cfg, cfg.launcher.num_processes or 1)
+    return {"global": plan.global_batch, "micro": plan.micro_batch, "accumulation": plan.accumulation,
+            "processes": plan.processes}
+
+
 def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
     """Train one stage into cfg.run_dir; resume from its last complete checkpoint when cfg.resume is set."""
     run = RunDir(Path(cfg.run_dir))
@@ -62,12 +72,13 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         truncate_metrics(run.metrics, int(resume_from.name.split("-")[-1]) if resume_from else 0)
     else:
         write_config(run, cfg)
-    handler = attach_run_log(run)
+    handler = attach_run_log(run) if is_main_process() else None
     try:
-        start = prepare_start(cfg)
+        with main_process_first():  # rank 0 merges a parent adapter or builds the tiny twin; the others reuse it
+            start = prepare_start(cfg)
         update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
                        start_model=str(start.weights), parent_run=cfg.parent_run, lineage=lineage(cfg, start),
-                       attention=attention_implementation(cfg),
+                       attention=attention_implementation(cfg), batch=batch_summary(cfg),
                        resumed_from=str(resume_from) if resume_from else None, versions=_versions())
         log.info("%s stage in %s, starting from %s %s", cfg.stage.name, run.path, start.kind,
                  start.adapter or start.weights)
@@ -77,15 +88,17 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         if hasattr(stage, "reference_summary"):
             update_summary(run, reference=stage.reference_summary(trainer))
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        update_summary(run, distributed=engine_report(trainer, cfg), timing=metrics_writer.timing)
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
-        trainer.save_model(str(run.model))
+        save_model(trainer, run.model)
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         update_summary(run, status=status, error=f"{type(err).__name__}: {err}", ended_at=_now())
         log.error("%s stage %s in %s: %s", cfg.stage.name, status, run.path, err)
         raise
     finally:
-        detach_run_log(handler)
+        if handler is not None:
+            detach_run_log(handler)
     records = train_records(read_metrics(run.metrics))
     summary = update_summary(
         run, status="finished", ended_at=_now(), model_path=str(run.model),
@@ -159,7 +172,7 @@ def choose_run_path(cfg: RunConfig, job_dir: Path | None, chained: bool) -> Path
         return Path(cfg.run_dir)
     if job_dir is not None:  # a --multirun member: Hydra made one directory per member in the sweep dir
         return job_dir
-    return new_run_path(cfg, chained)
+    return slurm_run_path(cfg, default_run_name(cfg, chained)) or new_run_path(cfg, chained)
 
 
 def quiet_libraries() -> None:
@@ -177,13 +190,16 @@ def quiet_libraries() -> None:
 
 
 def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) -> Path | None:
-    """Dispatch a composed command: a dry run, a chain of stages or one stage. Returns the run dir."""
+    """Dispatch a composed command: a dry run, a launch of several ranks, a chain of stages or one stage.
+
+    Returns the run dir. In a launched rank the run dir is the one its parent chose (run_dir=...).
+    """
     chained = bool(link_overrides(cfg, user_overrides))
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_libraries()
     if is_offline(cfg):
         os.environ["HF_HUB_OFFLINE"] = "1"
-    cfg = with_run_dir(cfg, choose_run_path(cfg, job_dir, chained))
+    cfg = resolve_launcher(with_run_dir(cfg, choose_run_path(cfg, job_dir, chained)))
     path = Path(cfg.run_dir)
     if cfg.dry_run:
         print(describe(chain_configs(cfg, user_overrides, path) if chained else [cfg]))
@@ -193,17 +209,61 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
         for index, link in enumerate(links):
             report_data(link, previous=links[index - 1] if index > 0 else None)
         return path
-    if chained:
+    if needs_launch(cfg):
+        last = _launch(cfg, user_overrides, chained)
+    elif launched_run_dir() is not None:
+        last = _train_as_rank(cfg, user_overrides, chained)
+    else:
+        last = _train(cfg, user_overrides, chained)
+    if launched_run_dir() is None:  # the launching parent prints the table, not its ranks
+        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+        print(f"\n{format_table(read_metrics(last.metrics))}\n\nrun dir: {shown}")
+    return path
+
+
+def _train(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
+    """Train in this process: the chain's links one after another, or the one stage. Returns the last run dir."""
+    path = Path(cfg.run_dir)
+    if not chained:
+        validate(cfg)
+        return run_stage(cfg).run
+    if launched_run_dir() is None:
         check_run_dir(path, cfg.resume)
+    links = chain_configs(cfg, user_overrides, path)
+    run_chain(cfg, links, path)
+    return RunDir(Path(links[-1].run_dir))
+
+
+def _train_as_rank(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
+    """One rank of a launched job: join the process group, train, leave the group cleanly (ZeRO-3 hangs otherwise)."""
+    if not is_main_process():
+        logging.getLogger().setLevel(logging.WARNING)  # one console log per job, from rank 0
+    init_process_group(uses_cuda(cfg))
+    try:
+        return _train(cfg, user_overrides, chained)
+    finally:
+        shutdown_process_group()
+
+
+def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
+    """Check everything the ranks will run, then start them; the run dir is fixed here, once, for all ranks."""
+    path = Path(cfg.run_dir)
+    check_run_dir(path, cfg.resume)
+    if chained:
         links = chain_configs(cfg, user_overrides, path)
-        run_chain(cfg, links, path)
+        _pending_links(cfg, links)  # validates every link that will run
         last = RunDir(Path(links[-1].run_dir))
     else:
         validate(cfg)
-        last = run_stage(cfg).run
-    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-    print(f"\n{format_table(read_metrics(last.metrics))}\n\nrun dir: {shown}")
-    return path
+        last = RunDir(path)
+    try:
+        launch(cfg, user_overrides, uses_cuda(cfg))
+    except LaunchFailed:
+        if (read_summary(path) or {}).get("status") in (None, "running"):
+            update_summary(RunDir(path), status="failed", ended_at=_now(),
+                           error="a launched rank failed before the run finished; see run.log and the console")
+        raise
+    return last
 
 
 __all__ = ["ConfigError", "StageOutcome", "chain_configs", "run", "run_chain", "run_stage"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from .ranks import LAUNCH_STARTED
 from .rundir import CHECKPOINT_COMPLETE, RunDir
 from .secrets import RedactingFilter
 
@@ -28,6 +31,13 @@ class MetricsWriter(TrainerCallback):
     def __init__(self, run: RunDir):
         self.run = run
         self.train_summary: dict[str, Any] = {}
+        self.timing: dict[str, float] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.timing:
+            # Command → first optimizer step: imports, launch, data, model load, engine set-up (benchmarks read it).
+            started = float(os.environ.get(LAUNCH_STARTED, time.time()))
+            self.timing = {"first_step_unix": time.time(), "command_to_first_step_s": time.time() - started}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

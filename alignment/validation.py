@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .backends import check_engine_installed, check_wrap_class
+from .batch import batch_plan
 from .config import DATASET_FORMAT_FOR_STAGE, STAGES, ConfigError, RunConfig
 from .data import SCHEMAS, check_sources, source_key
 from .data.loading import settings_error
 from .data.schemas import PROBLEM_KINDS
-from .modeling import check_model_source, check_target_modules
+from .launch import resolve_launcher, visible_gpus
+from .modeling import check_model_source, check_target_modules, uses_cuda
+from .ranks import launched_run_dir
 from .reference import choose_reference
 from .rundir import RunDir, check_run_dir, is_finished
 from .start import is_adapter_dir, keeps_parent_adapter, parent_is_adapter
@@ -17,7 +21,7 @@ from .start import is_adapter_dir, keeps_parent_adapter, parent_is_adapter
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _PRECISIONS = ("auto", "no", "bf16", "fp16")
 _DEVICES = ("auto", "cpu", "cuda")
-_BACKENDS = ("single",)
+_BACKENDS = ("single", "ddp", "fsdp", "zero3")
 _PEFT_METHODS = ("none", "lora", "qlora")
 _QUANT_TYPES = ("nf4", "fp4")
 
@@ -49,8 +53,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     _require(stage.max_steps == -1 or stage.max_steps > 0,
              f"stage.max_steps must be -1 (train for num_train_epochs) or > 0 (got {stage.max_steps}).")
     _require(stage.num_train_epochs > 0, f"stage.num_train_epochs must be > 0 (got {stage.num_train_epochs}).")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "save_steps"):
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps", "save_steps"):
         _require(getattr(stage, key) >= 1, f"stage.{key} must be >= 1 (got {getattr(stage, key)}).")
     _require(stage.max_length >= 16, f"stage.max_length must be >= 16 tokens (got {stage.max_length}).")
     _require(0 <= stage.warmup_ratio < 1, f"stage.warmup_ratio must be in [0, 1) (got {stage.warmup_ratio}).")
@@ -73,6 +76,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
         _check_qlora(cfg)
     check_target_modules(cfg)
     _check_launcher(cfg)
+    _check_backend(cfg)
     if not cfg.dry_run:
         _check_devices(cfg)
 
@@ -86,7 +90,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     if stage.name == "dpo" and cfg.ref.name == "separate":
         check_model_source(cfg.model, is_offline(cfg), path=cfg.ref.path, key="ref.path")
     check_sources(cfg.dataset, is_offline(cfg))
-    if cfg.run_dir is not None:
+    if cfg.run_dir is not None and launched_run_dir() is None:  # a launched rank's dir was checked by its parent
         check_run_dir(Path(cfg.run_dir), cfg.resume)
 
 
@@ -131,12 +135,32 @@ def _check_qlora(cfg: RunConfig) -> None:
 def _check_devices(cfg: RunConfig) -> None:
     import torch
 
-    cuda = torch.cuda.is_available() and cfg.backend.device != "cpu"
+    cuda = uses_cuda(cfg)
     _require(cfg.backend.device != "cuda" or torch.cuda.is_available(),
              "backend.device=cuda but no CUDA device is visible. Use backend.device=auto or cpu.")
     _require(cuda or cfg.backend.mixed_precision in ("auto", "no"),
              f"backend.mixed_precision={cfg.backend.mixed_precision} needs a CUDA device; on CPU use "
              f"backend.mixed_precision=no (or auto).")
+    launcher = resolve_launcher(cfg).launcher
+    per_machine, gpus = launcher.num_processes // launcher.num_machines, visible_gpus()
+    _require(not cuda or per_machine <= gpus,
+             f"launcher.num_processes={launcher.num_processes} on {launcher.num_machines} machine(s) needs "
+             f"{per_machine} GPUs per machine, but this machine shows {gpus} (CUDA_VISIBLE_DEVICES="
+             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Use launcher.num_processes={gpus * launcher.num_machines}, "
+             f"or leave it null to use every visible GPU.")
+    check_engine_installed(cfg)
+
+
+def _check_backend(cfg: RunConfig) -> None:
+    """Engine settings present for the chosen backend, FSDP's wrap class in the model, the batch splitting evenly."""
+    backend = cfg.backend
+    for name in ("fsdp", "zero3"):
+        _require(backend.name != name or getattr(backend, name) is not None,
+                 f"backend.name={name} has no backend.{name} settings: choose the config group instead, "
+                 f"`backend={name}`, which brings them (conf/backend/{name}.yaml).")
+    if backend.name == "fsdp":
+        check_wrap_class(cfg)
+    batch_plan(cfg, resolve_launcher(cfg).launcher.num_processes)
 
 
 def _check_parent(parent: Path) -> None:
@@ -173,8 +197,16 @@ def _check_model_type(cfg: RunConfig) -> None:
 
 def _check_launcher(cfg: RunConfig) -> None:
     launcher = cfg.launcher
-    _require(launcher.num_processes >= 1, f"launcher.num_processes must be >= 1 (got {launcher.num_processes}).")
-    _require(1 <= launcher.num_machines <= launcher.num_processes,
-             f"launcher.num_machines must be in [1, launcher.num_processes] (got {launcher.num_machines} machines "
-             f"for {launcher.num_processes} processes).")
+    _require(launcher.num_machines >= 1, f"launcher.num_machines must be >= 1 (got {launcher.num_machines}).")
     _require(launcher.gpu_memory_gb > 0, f"launcher.gpu_memory_gb must be > 0 (got {launcher.gpu_memory_gb}).")
+    processes = launcher.num_processes
+    if processes is None:
+        return  # filled from the visible devices (alignment/launch.py)
+    _require(processes >= 1, f"launcher.num_processes must be >= 1 or null (got {processes}).")
+    _require(processes % launcher.num_machines == 0,
+             f"launcher.num_processes={processes} does not spread evenly over launcher.num_machines="
+             f"{launcher.num_machines}: give the total over all machines, a multiple of the machine count.")
+    _require(cfg.backend.name != "single" or (processes == 1 and launcher.num_machines == 1),
+             f"backend=single runs one process, but launcher.num_processes={processes} and launcher.num_machines="
+             f"{launcher.num_machines}. Choose backend=ddp (whole model per process), backend=fsdp or backend=zero3 "
+             f"(sharded) for several processes.")

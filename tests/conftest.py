@@ -84,13 +84,15 @@ def train(tmp_path: Path, name: str, *overrides: str):
 
 # Short DPO settings for the tiny twin: every reference option, LoRA and planner tests use them.
 SHORT_DPO = ["stage=dpo", "stage.max_steps=3", "stage.max_length=256", "stage.max_prompt_length=128",
-             "learning_rate=1e-3", "stage.per_device_train_batch_size=8", "stage.eval_steps=null"]
+             "learning_rate=1e-3", "stage.per_device_train_batch_size=8", "stage.global_batch_size=8",
+             "stage.eval_steps=null"]
 
 
 @pytest.fixture(scope="session")
 def lora_sft_run(tmp_path_factory):
     """An SFT run that saved a LoRA adapter (the parent for adapter_copy and merge)."""
     outcome = train(tmp_path_factory.mktemp("lora-sft"), "sft", "stage=sft", "peft=lora", "stage.max_steps=8",
-                    "learning_rate=3e-3", "stage.max_length=256", "stage.per_device_train_batch_size=16")
+                    "learning_rate=3e-3", "stage.max_length=256", "stage.per_device_train_batch_size=16",
+                    "stage.global_batch_size=16")
     assert outcome.summary["status"] == "finished"
     return outcome.run.path

@@ -17,8 +17,8 @@ from .conftest import run_cli
 
 
 def _combinations():
-    # ref options depend on peft and the parent run; test_ref_options_compose covers them on their own.
-    groups = [g for g in config_groups() if g != "ref"]
+    # ref options depend on peft and the parent run, backends are orthogonal to the rest: each has its own test.
+    groups = [g for g in config_groups() if g not in ("ref", "backend")]
     return [dict(zip(groups, choice)) for choice in itertools.product(*(group_options(g) for g in groups))]
 
 
@@ -38,6 +38,17 @@ def test_every_combination_composes(choice):
     else:
         with pytest.raises(ConfigError, match=f"stage={cfg.stage.name} trains on"):
             validate(cfg)
+
+
+@pytest.mark.parametrize("backend", group_options("backend"))
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_backend_composes_and_validates_for_every_model(backend, model):
+    for stage in ("sft", "dpo"):
+        cfg = compose_run_config([f"backend={backend}", f"model={model}", f"stage={stage}", "dry_run=true"])
+        assert cfg.backend.name == backend
+        assert (cfg.backend.fsdp is not None) == (backend == "fsdp")
+        assert (cfg.backend.zero3 is not None) == (backend == "zero3")
+        validate(cfg)
 
 
 REF_ERRORS = {("adapter_copy", "none"): "ref=adapter_copy needs", ("adapter_copy", "lora"): "ref=adapter_copy needs",

@@ -17,7 +17,7 @@ def test_dataset_trains_end_to_end_on_cpu(option, tmp_path):
     stage, path = DATASET_FIXTURES[option]
     run_dir = tmp_path / "run"
     result = run_cli(f"stage={stage}", f"dataset={option}", "model=tiny_qwen2", f"dataset.path={path}",
-                     f"run_dir={run_dir}", cwd=tmp_path)
+                     f"run_dir={run_dir}", "stage.global_batch_size=8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished"

@@ -23,7 +23,8 @@ def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_lora_trains_only_adapters_and_its_saved_and_merged_forms_give_the_same_logits(tmp_path):
-    overrides = ["stage=sft", "peft=lora", "stage.max_steps=6", "learning_rate=3e-3", "stage.max_length=256"]
+    overrides = ["stage=sft", "peft=lora", "stage.max_steps=6", "learning_rate=3e-3", "stage.max_length=256",
+                 "stage.global_batch_size=8"]
     outcome = train(tmp_path, "sft", *overrides)
     model = outcome.trainer.model
     saved_adapter = outcome.run.model

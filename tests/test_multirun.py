@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_beta_sweep_makes_one_finished_run_per_member(tmp_path):
     result = run_cli("--multirun", "stage=dpo", "beta=0.05,0.5", "stage.max_steps=2", "dataset.eval_split=null",
+                     "stage.global_batch_size=8",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweeps = list((tmp_path / "outputs" / "sweeps").iterdir())

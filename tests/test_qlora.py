@@ -15,7 +15,8 @@ from alignment.tracking import read_metrics
 from alignment.validation import validate
 
 SETTINGS = ["stage=dpo", "peft=qlora", "stage.max_steps=4", "stage.max_length=256", "stage.max_prompt_length=128",
-            "learning_rate=1e-3", "stage.eval_steps=null", "stage.per_device_train_batch_size=8"]
+            "learning_rate=1e-3", "stage.eval_steps=null", "stage.per_device_train_batch_size=8",
+            "stage.global_batch_size=8"]
 
 
 @pytest.mark.slow

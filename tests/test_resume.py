@@ -17,7 +17,7 @@ from alignment.tracking import read_metrics
 pytestmark = pytest.mark.slow
 
 SETTINGS = ["stage=dpo", "stage.max_steps=8", "stage.save_steps=3", "stage.max_length=128", "stage.max_prompt_length=64",
-            "stage.per_device_train_batch_size=8", "learning_rate=1e-3", "stage.eval_steps=null"]
+            "stage.per_device_train_batch_size=8", "stage.global_batch_size=8", "learning_rate=1e-3", "stage.eval_steps=null"]
 
 
 class CrashAtStep(TrainerCallback):

@@ -40,7 +40,7 @@ def test_log_filter_removes_secret_values(monkeypatch):
 def test_no_secret_in_any_file_of_a_run(tmp_path):
     env = {"HF_TOKEN": TOKEN, "WANDB_API_KEY": TOKEN[::-1]}
     # The token also appears in a config value (a run name), as a careless user might pass it.
-    result = run_cli("stage=sft", "stage.max_steps=2", f"run_name=leak-{TOKEN}", f"run_dir={tmp_path / 'run'}",
+    result = run_cli("stage=sft", "stage.max_steps=2", "stage.global_batch_size=8", f"run_name=leak-{TOKEN}", f"run_dir={tmp_path / 'run'}",
                      cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".jsonl", ".log")]

@@ -7,9 +7,12 @@ from typing import Any, Callable
 
 from transformers.trainer_callback import PrinterCallback
 
+from ..backends import arm_engine
+from ..batch import batch_plan
 from ..config import RunConfig
 from ..data import PreparedData, prepare
 from ..modeling import load_policy, load_tokenizer, lora_config, mixed_precision, uses_cuda
+from ..ranks import main_process_first
 from ..rundir import RunDir, write_json
 from ..start import StartingPoint
 
@@ -28,7 +31,7 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, 
         num_train_epochs=stage.num_train_epochs,
         per_device_train_batch_size=stage.per_device_train_batch_size,
         per_device_eval_batch_size=stage.per_device_eval_batch_size,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        gradient_accumulation_steps=batch_plan(cfg, cfg.launcher.num_processes or 1).accumulation,
         lr_scheduler_type=stage.lr_scheduler_type,
         warmup_steps=stage.warmup_ratio,  # transformers 5 reads a value below 1 as a fraction of the steps
         weight_decay=stage.weight_decay,
@@ -50,6 +53,9 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, 
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": cfg.model.use_reentrant},
         report_to="none",
+        # Every trainable parameter takes part in every step (frozen LoRA bases do not require grad), so DDP
+        # need not search the graph for unused ones each step.
+        ddp_find_unused_parameters=False,
         # Progress bars only on a terminal: CI logs stay readable, metrics go to metrics.jsonl anyway.
         disable_tqdm=not sys.stderr.isatty(),
         dataloader_num_workers=0,
@@ -71,9 +77,11 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
 
     trainer_extras(data) gives stage-specific trainer arguments that need the prepared data (DPO's reference).
     """
-    tokenizer, data = prepare_data(cfg, run, start.tokenizer)
+    with main_process_first():  # rank 0 fills the prepared-data cache; the other ranks then read it
+        tokenizer, data = prepare_data(cfg, run, start.tokenizer)
     model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
+    arm_engine(cfg)
     trainer = trainer_class(
         model=model,
         args=args,

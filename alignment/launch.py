@@ -1,0 +1,218 @@
+"""Start every rank of a multi-process run from one command.
+
+`python -m alignment backend=fsdp launcher.num_processes=2` is the whole story: the parent picks the run dir
+once, writes the generated engine configs into `<run_dir>/launch/`, saves the exact command, and re-executes
+`python -m alignment` with the same overrides and that fixed run dir under `accelerate launch`. The ranks never
+resolve a run dir of their own, so they cannot scatter over `${now:}`-named directories.
+
+Why accelerate launch for every backend: one launcher reads one generated config for ddp, FSDP2 and ZeRO-3
+alike (it runs torchrun underneath, and DeepSpeed's engine inside the ranks), so the three backends share one
+code path and one command shape. The `deepspeed` launcher would add a hostfile and passwordless ssh between
+nodes, which SLURM's srun already replaces; plain torchrun would need the FSDP/DeepSpeed plugin settings
+passed some other way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from .backends import accelerate_config, deepspeed_config
+from .config import ConfigError, RunConfig, freeze
+from .ranks import LAUNCH_STARTED, LAUNCHED_RUN_DIR, launched_run_dir
+from .secrets import redact_text
+
+MULTI_PROCESS_BACKENDS = ("ddp", "fsdp", "zero3")
+DEFAULT_MULTI_NODE_PORT = 29500
+
+
+class LaunchFailed(Exception):
+    """A launched job ended with a non-zero exit code; the entrypoint exits with the same code."""
+
+    def __init__(self, returncode: int, run_dir: Path):
+        super().__init__(f"the launched ranks exited with code {returncode}; see {run_dir / 'run.log'}")
+        self.returncode = returncode
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where this launching process sits among the job's machines."""
+
+    num_machines: int
+    machine_rank: int
+    main_process_ip: str
+    main_process_port: int
+    slurm_job_id: str | None = None
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_num_processes(cfg: RunConfig, gpus: int) -> int:
+    """Every visible GPU on every machine; on CPU one process, or two for the multi-process backends."""
+    if cfg.backend.name == "single":
+        return 1
+    if gpus and cfg.backend.device != "cpu":
+        return gpus * cfg.launcher.num_machines
+    return 2
+
+
+def resolve_launcher(cfg: RunConfig) -> RunConfig:
+    """Fill launcher.num_processes from the visible devices when it is null, so every rank sees one number."""
+    if cfg.launcher.num_processes is not None:
+        return cfg
+    launcher = replace(cfg.launcher, num_processes=default_num_processes(cfg, visible_gpus()))
+    return freeze(replace(cfg, launcher=launcher))
+
+
+def needs_launch(cfg: RunConfig) -> bool:
+    """A multi-process backend started from a plain command (not already a launched rank)."""
+    return cfg.backend.name in MULTI_PROCESS_BACKENDS and launched_run_dir() is None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[003-005,9],cpu1' → 'gpu003' (what `scontrol show hostnames` gives)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ConfigError(f"cannot read the SLURM node list {nodelist!r}; set launcher.main_process_ip.")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine(cfg: RunConfig, env: dict[str, str] | None = None) -> Machine:
+    """This machine's place in the job: from the launcher settings, else from SLURM's environment."""
+    env = os.environ if env is None else env
+    launcher = cfg.launcher
+    if launcher.num_machines == 1:
+        return Machine(1, 0, launcher.main_process_ip or "127.0.0.1", launcher.main_process_port or free_port())
+    job = env.get("SLURM_JOB_ID")
+    rank = launcher.machine_rank if launcher.machine_rank is not None else env.get("SLURM_NODEID")
+    ip = launcher.main_process_ip or env.get("MASTER_ADDR") or (
+        first_slurm_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else None)
+    if rank is None or ip is None:
+        raise ConfigError(
+            f"launcher.num_machines={launcher.num_machines} needs each machine's rank and the main machine's address: "
+            f"run under SLURM (launchers/slurm.sbatch sets them), or pass launcher.machine_rank and "
+            f"launcher.main_process_ip on every machine.")
+    nodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
+    if job and nodes and int(nodes) != launcher.num_machines:
+        raise ConfigError(f"launcher.num_machines={launcher.num_machines} but SLURM gave this job {nodes} nodes. "
+                          f"Pass launcher.num_machines={nodes} (launchers/slurm.sbatch does).")
+    return Machine(launcher.num_machines, int(rank), ip, launcher.main_process_port or DEFAULT_MULTI_NODE_PORT, job)
+
+
+def slurm_run_path(cfg: RunConfig, name: str, env: dict[str, str] | None = None) -> Path | None:
+    """Under a multi-node SLURM job every node's parent must agree on the run dir without talking: the job id."""
+    env = os.environ if env is None else env
+    if cfg.launcher.num_machines > 1 and env.get("SLURM_JOB_ID"):
+        return Path("outputs") / "slurm" / f"{env['SLURM_JOB_ID']}_{name}"
+    return None
+
+
+@dataclass(frozen=True)
+class LaunchFiles:
+    folder: Path
+
+    @property
+    def accelerate(self) -> Path:
+        return self.folder / "accelerate.yaml"
+
+    @property
+    def deepspeed(self) -> Path:
+        return self.folder / "deepspeed.json"
+
+    def command(self, machine_rank: int) -> Path:
+        return self.folder / ("command.sh" if machine_rank == 0 else f"command.node{machine_rank}.sh")
+
+
+def launch_files(run_dir: Path) -> LaunchFiles:
+    return LaunchFiles(run_dir / "launch")
+
+
+def rank_overrides(user_overrides: list[str], cfg: RunConfig) -> list[str]:
+    """The user's overrides, with the run dir and the process count fixed for every rank."""
+    fixed = ("run_dir", "launcher.num_processes")
+    kept = [o for o in user_overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]
+    return [*kept, f"run_dir={cfg.run_dir}", f"launcher.num_processes={cfg.launcher.num_processes}"]
+
+
+def launch_command(cfg: RunConfig, user_overrides: list[str], where: Machine) -> list[str]:
+    files = launch_files(Path(cfg.run_dir))
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(files.accelerate),
+        "--num_processes", str(cfg.launcher.num_processes),
+        "--num_machines", str(where.num_machines),
+        "--machine_rank", str(where.machine_rank),
+        "--main_process_ip", where.main_process_ip,
+        "--main_process_port", str(where.main_process_port),
+        "-m", "alignment", *rank_overrides(user_overrides, cfg),
+    ]
+
+
+def rank_environment(cfg: RunConfig, uses_cuda: bool) -> dict[str, str]:
+    """What every rank needs in its environment beyond the parent's own."""
+    env = {LAUNCHED_RUN_DIR: str(cfg.run_dir), LAUNCH_STARTED: os.environ.get(LAUNCH_STARTED, str(time.time()))}
+    if cfg.backend.name == "zero3" and not uses_cuda:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator; without it DeepSpeed looks for CUDA
+    return env
+
+
+def shell_line(command: list[str], env: dict[str, str]) -> str:
+    """The command as one copyable shell line, with secrets masked."""
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k != LAUNCH_STARTED)
+    return redact_text(f"{exports} {shlex.join(command)}".strip())
+
+
+def write_launch_files(cfg: RunConfig, command: list[str], env: dict[str, str], where: Machine) -> LaunchFiles:
+    files = launch_files(Path(cfg.run_dir))
+    files.folder.mkdir(parents=True, exist_ok=True)
+    _write(files.accelerate, yaml.safe_dump(accelerate_config(cfg, files.deepspeed), sort_keys=False))
+    if cfg.backend.name == "zero3":
+        import json
+
+        _write(files.deepspeed, json.dumps(deepspeed_config(cfg), indent=2) + "\n")
+    _write(files.command(where.machine_rank),
+           "#!/bin/sh\n# Generated by alignment: starts every rank of this run (copy to rerun by hand).\n"
+           f"{shell_line(command, env)}\n")
+    return files
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def launch(cfg: RunConfig, user_overrides: list[str], uses_cuda: bool) -> None:
+    """Write the configs and the command into the run dir, print the command, and run it; wait for all ranks."""
+    where = machine(cfg)
+    command = launch_command(cfg, user_overrides, where)
+    env = rank_environment(cfg, uses_cuda)
+    if where.machine_rank == 0 or not launch_files(Path(cfg.run_dir)).accelerate.exists():
+        write_launch_files(cfg, command, env, where)
+    print(f"alignment: launching {cfg.launcher.num_processes} processes ({cfg.backend.name}) on "
+          f"{where.num_machines} machine(s):\n  {shell_line(command, env)}", flush=True)
+    result = subprocess.run(command, env={**os.environ, **env})
+    if result.returncode != 0:
+        raise LaunchFailed(result.returncode, Path(cfg.run_dir))
