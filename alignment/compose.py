@@ -45,7 +45,9 @@ def group_options(group: str) -> list[str]:
 
 
 def config_groups() -> list[str]:
-    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    """The run's config groups (conf/hydra/ holds Hydra's own options, e.g. hydra/launcher=slurm)."""
+    return sorted(p.name for p in CONF_DIR.iterdir()
+                  if p.is_dir() and not p.name.startswith(("_", ".")) and p.name != "hydra")
 
 
 def _check_group_choices(overrides: list[str]) -> None:

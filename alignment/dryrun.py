@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 
+from .batch import batch_plan
 from .config import RunConfig
 from .data.pipeline import prompt_budget
 from .plan import ASSUMPTIONS, parameter_count, plan_inputs, plan_memory
@@ -30,7 +31,7 @@ def _memory_lines(cfg: RunConfig, reference: str) -> str:
     """The plan for the configured backend, and the same run on each multi-GPU backend for comparison."""
     inputs = plan_inputs(cfg, reference)
     lines = [plan_memory(inputs).format()]
-    world = max(cfg.launcher.num_processes, 2)
+    world = max(cfg.launcher.num_processes or 1, 2)
     others = []
     for backend in ("ddp", "fsdp", "zero3"):
         other = plan_memory(plan_inputs(cfg, reference, backend=backend, world_size=world))
@@ -39,8 +40,8 @@ def _memory_lines(cfg: RunConfig, reference: str) -> str:
     return "\n".join(lines)
 
 
-def describe(links: list[RunConfig]) -> str:
-    """Human-readable plan of every stage a command would run, with its memory plan."""
+def describe(links: list[RunConfig], launch: str | None = None) -> str:
+    """Human-readable plan of every stage a command would run, with its memory plan and the launch command."""
     parts = []
     for index, cfg in enumerate(links, start=1):
         previous = links[index - 2] if index > 1 else None
@@ -57,6 +58,7 @@ def describe(links: list[RunConfig]) -> str:
         else:
             start = f"{cfg.model.name_or_path} ({'offline: local copy required' if is_offline(cfg) else 'hub or local'})"
         stage = cfg.stage
+        processes = cfg.launcher.num_processes or 1
         steps = f"max_steps={stage.max_steps}" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epoch(s)"
         lines = [
             f"== stage {index}/{len(links)}: {stage.name} with {TRAINERS[stage.name]} ==",
@@ -66,15 +68,19 @@ def describe(links: list[RunConfig]) -> str:
             *([f"reference    {reference.option}"
                + (f" (ref=auto: {reference.reason})" if reference.requested == "auto" else "")] if reference else []),
             *_dataset_lines(cfg),
-            f"training     {steps}, lr={cfg.learning_rate:g}, micro batch {stage.per_device_train_batch_size} × "
-            f"accumulation {stage.gradient_accumulation_steps}, max_length={stage.max_length}"
+            f"training     {steps}, lr={cfg.learning_rate:g}, {batch_plan(cfg, processes).describe()}, "
+            f"max_length={stage.max_length}"
             + (f", max_prompt_length={prompt_budget(cfg)}" if stage.name == "dpo" else "")
             + (f", beta={cfg.beta:g}" if stage.name == "dpo" else ""),
-            f"backend      {cfg.backend.name} (device {cfg.backend.device}, mixed precision {cfg.backend.mixed_precision})",
+            f"backend      {cfg.backend.name} on {processes} process{'es' if processes > 1 else ''} over "
+            f"{cfg.launcher.num_machines} machine(s) (device {cfg.backend.device}, mixed precision "
+            f"{cfg.backend.mixed_precision})",
             f"run dir      {cfg.run_dir or 'a fresh directory under outputs/'}",
             _memory_lines(cfg, reference.option if reference else "base"),
             "resolved configuration:",
             yaml.safe_dump(masked_config(cfg), sort_keys=False).rstrip(),
         ]
         parts.append("\n".join(lines))
+    if launch:
+        parts.append(f"== launch ==\n{launch}")
     return "\n\n".join(parts) + "\n\ndry run: nothing was loaded or written."

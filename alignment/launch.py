@@ -121,6 +121,15 @@ def machine(cfg: RunConfig, env: dict[str, str] | None = None) -> Machine:
     return Machine(launcher.num_machines, int(rank), ip, launcher.main_process_port or DEFAULT_MULTI_NODE_PORT, job)
 
 
+def is_secondary_machine(cfg: RunConfig, env: dict[str, str] | None = None) -> bool:
+    """Machines other than the first of a multi-node job: they join a run dir that machine 0 checks and owns."""
+    env = os.environ if env is None else env
+    if cfg.launcher.num_machines <= 1:
+        return False
+    rank = cfg.launcher.machine_rank if cfg.launcher.machine_rank is not None else env.get("SLURM_NODEID", "0")
+    return int(rank) > 0
+
+
 def slurm_run_path(cfg: RunConfig, name: str, env: dict[str, str] | None = None) -> Path | None:
     """Under a multi-node SLURM job every node's parent must agree on the run dir without talking: the job id."""
     env = os.environ if env is None else env
@@ -151,7 +160,7 @@ def launch_files(run_dir: Path) -> LaunchFiles:
 
 def rank_overrides(user_overrides: list[str], cfg: RunConfig) -> list[str]:
     """The user's overrides, with the run dir and the process count fixed for every rank."""
-    fixed = ("run_dir", "launcher.num_processes")
+    fixed = ("run_dir", "launcher.num_processes", "dry_run")
     kept = [o for o in user_overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]
     return [*kept, f"run_dir={cfg.run_dir}", f"launcher.num_processes={cfg.launcher.num_processes}"]
 
@@ -184,6 +193,23 @@ def shell_line(command: list[str], env: dict[str, str]) -> str:
     return redact_text(f"{exports} {shlex.join(command)}".strip())
 
 
+def launch_preview(cfg: RunConfig, user_overrides: list[str]) -> str | None:
+    """What a dry run shows: the command this run would execute and where its generated configs would go."""
+    if not needs_launch(cfg):
+        return None
+    from .modeling import uses_cuda
+
+    try:
+        where = machine(cfg)
+    except ConfigError as err:
+        return f"(cannot build the launch command here: {err})"
+    command = launch_command(cfg, user_overrides, where)
+    files = launch_files(Path(cfg.run_dir))
+    written = [files.accelerate, files.command(where.machine_rank)] + ([files.deepspeed] if cfg.backend.name == "zero3" else [])
+    return (f"{shell_line(command, rank_environment(cfg, uses_cuda(cfg)))}\n"
+            f"generated at launch: {', '.join(str(p) for p in written)}")
+
+
 def write_launch_files(cfg: RunConfig, command: list[str], env: dict[str, str], where: Machine) -> LaunchFiles:
     files = launch_files(Path(cfg.run_dir))
     files.folder.mkdir(parents=True, exist_ok=True)
@@ -209,8 +235,7 @@ def launch(cfg: RunConfig, user_overrides: list[str], uses_cuda: bool) -> None:
     where = machine(cfg)
     command = launch_command(cfg, user_overrides, where)
     env = rank_environment(cfg, uses_cuda)
-    if where.machine_rank == 0 or not launch_files(Path(cfg.run_dir)).accelerate.exists():
-        write_launch_files(cfg, command, env, where)
+    write_launch_files(cfg, command, env, where)  # identical on every machine but the command's machine rank
     print(f"alignment: launching {cfg.launcher.num_processes} processes ({cfg.backend.name}) on "
           f"{where.num_machines} machine(s):\n  {shell_line(command, env)}", flush=True)
     result = subprocess.run(command, env={**os.environ, **env})

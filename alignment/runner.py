@@ -18,7 +18,8 @@ from .modeling import attention_implementation, uses_cuda
 from .backends import engine_report, save_model
 from .batch import batch_plan
 from .dryrun import describe
-from .launch import LaunchFailed, launch, needs_launch, resolve_launcher, slurm_run_path
+from .launch import (LaunchFailed, is_secondary_machine, launch, launch_preview, needs_launch, resolve_launcher,
+                     slurm_run_path)
 from .ranks import init_process_group, is_main_process, launched_run_dir, main_process_first, shutdown_process_group
 from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, last_complete_checkpoint,
                      new_run_path, read_summary, update_summary, write_config)
@@ -202,7 +203,7 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
     cfg = resolve_launcher(with_run_dir(cfg, choose_run_path(cfg, job_dir, chained)))
     path = Path(cfg.run_dir)
     if cfg.dry_run:
-        print(describe(chain_configs(cfg, user_overrides, path) if chained else [cfg]))
+        print(describe(chain_configs(cfg, user_overrides, path) if chained else [cfg], launch_preview(cfg, user_overrides)))
         return None
     if cfg.data_report:
         links = chain_configs(cfg, user_overrides, path) if chained else [cfg]
@@ -248,7 +249,9 @@ def _train_as_rank(cfg: RunConfig, user_overrides: list[str], chained: bool) -> 
 def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
     """Check everything the ranks will run, then start them; the run dir is fixed here, once, for all ranks."""
     path = Path(cfg.run_dir)
-    check_run_dir(path, cfg.resume)
+    secondary = is_secondary_machine(cfg)
+    if not secondary:
+        check_run_dir(path, cfg.resume)
     if chained:
         links = chain_configs(cfg, user_overrides, path)
         _pending_links(cfg, links)  # validates every link that will run
@@ -259,7 +262,7 @@ def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
     try:
         launch(cfg, user_overrides, uses_cuda(cfg))
     except LaunchFailed:
-        if (read_summary(path) or {}).get("status") in (None, "running"):
+        if not secondary and (read_summary(path) or {}).get("status") in (None, "running"):
             update_summary(RunDir(path), status="failed", ended_at=_now(),
                            error="a launched rank failed before the run finished; see run.log and the console")
         raise

@@ -11,7 +11,7 @@ from .config import DATASET_FORMAT_FOR_STAGE, STAGES, ConfigError, RunConfig
 from .data import SCHEMAS, check_sources, source_key
 from .data.loading import settings_error
 from .data.schemas import PROBLEM_KINDS
-from .launch import resolve_launcher, visible_gpus
+from .launch import is_secondary_machine, resolve_launcher, visible_gpus
 from .modeling import check_model_source, check_target_modules, uses_cuda
 from .ranks import launched_run_dir
 from .reference import choose_reference
@@ -90,7 +90,8 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     if stage.name == "dpo" and cfg.ref.name == "separate":
         check_model_source(cfg.model, is_offline(cfg), path=cfg.ref.path, key="ref.path")
     check_sources(cfg.dataset, is_offline(cfg))
-    if cfg.run_dir is not None and launched_run_dir() is None:  # a launched rank's dir was checked by its parent
+    # A launched rank's dir was checked by its parent, a secondary machine's by machine 0.
+    if cfg.run_dir is not None and launched_run_dir() is None and not is_secondary_machine(cfg):
         check_run_dir(Path(cfg.run_dir), cfg.resume)
 
 

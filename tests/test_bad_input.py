@@ -39,6 +39,24 @@ CASES = {
                                    "model mistral7b is missing architecture facts: hidden_size, vocab_size"),
     "unknown model type": (["model.architecture.model_type=gpt9"], "model_type=gpt9 is not a model type"),
     "bad sweep member": (["--multirun", "beta=0.1,-1"], "sweep member [beta=-1]: beta must be > 0"),
+    "global batch does not divide": (["stage=dpo", "backend=ddp", "launcher.num_processes=3"],
+                                     "stage.global_batch_size=32 does not split into micro batches of 8 "
+                                     "(stage.per_device_train_batch_size) on 3 processes: 32 is not a multiple of "
+                                     "8 × 3 = 24. Nearest valid settings: stage.global_batch_size=24, "
+                                     "stage.global_batch_size=48, launcher.num_processes=2, launcher.num_processes=4"),
+    "micro batch does not divide": (["stage=sft", "backend=fsdp", "launcher.num_processes=2",
+                                     "stage.per_device_train_batch_size=6"],
+                                    "Nearest valid settings: stage.global_batch_size=504, "
+                                    "stage.global_batch_size=516, stage.per_device_train_batch_size=4, "
+                                    "stage.per_device_train_batch_size=8"),
+    "single backend with several processes": (["backend=single", "launcher.num_processes=2"],
+                                              "backend=single runs one process"),
+    "fsdp wrap class not in the model": (["backend=fsdp", "backend.fsdp.wrap_class=LlamaDecoderLayer"],
+                                         "backend.fsdp.wrap_class=LlamaDecoderLayer is not a module class of "
+                                         "tiny_qwen2 (qwen2). Its layer classes: Qwen2DecoderLayer"),
+    "backend name without its settings": (["backend.name=zero3"], "choose the config group instead, `backend=zero3`"),
+    "processes not a multiple of machines": (["backend=ddp", "launcher.num_processes=3", "launcher.num_machines=2"],
+                                             "does not spread evenly over launcher.num_machines=2"),
 }
 
 
@@ -89,4 +107,30 @@ def test_qlora_where_bitsandbytes_cannot_load_exits_2(tmp_path):
                      env={"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert result.returncode == 2, result.stderr[-2000:]
     assert "peft=qlora needs bitsandbytes" in result.stderr and "use peft=lora" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_zero3_without_deepspeed_exits_2_before_any_rank_starts(tmp_path):
+    fake = tmp_path / "site" / "deepspeed"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named deepspeed')\n")
+    result = run_cli("stage=dpo", "backend=zero3", cwd=tmp_path,
+                     env={"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "backend=zero3 needs DeepSpeed" in result.stderr and "use backend=fsdp" in result.stderr
+    assert "launching" not in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_more_processes_than_visible_gpus_exits_2(tmp_path):
+    """On a machine with one GPU (simulated: torch reports one CUDA device), 4 processes are refused up front."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n")
+    result = run_cli("stage=dpo", "backend=ddp", "launcher.num_processes=4", "stage.per_device_train_batch_size=4",
+                     cwd=tmp_path, env={"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "launcher.num_processes=4 on 1 machine(s) needs 4 GPUs per machine, but this machine shows 1" in result.stderr
+    assert "Use launcher.num_processes=1" in result.stderr
     assert not (tmp_path / "outputs").exists()
