@@ -117,7 +117,7 @@ def test_sbatch_script_runs_one_launching_process_per_node_with_slurms_rank_and_
     for expected in ("--num_processes 16", "--num_machines 2", "--machine_rank 1", "--main_process_ip gpu003",
                      "--main_process_port 29500", "outputs/slurm/777_dpo-qwen72b", "-m alignment"):
         assert expected in launch, (expected, launch)
-    assert "backend fsdp on 16 processes over 2 machine(s)" in result.stdout
+    assert "backend      fsdp on 16 processes over 2 machine(s)" in result.stdout, result.stdout[:1500]
 
 
 def test_submitit_launcher_sends_each_member_as_one_job_with_one_task_per_node():
