@@ -14,7 +14,7 @@ from typing import Any
 from . import __version__
 from .compose import compose_run_config, link_overrides
 from .config import ConfigError, RunConfig, freeze
-from .modeling import attention_implementation, uses_cuda
+from .modeling import uses_cuda
 from .backends import engine_report, save_model
 from .batch import batch_plan
 from .dryrun import describe
@@ -79,13 +79,15 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
             start = prepare_start(cfg)
         update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
                        start_model=str(start.weights), parent_run=cfg.parent_run, lineage=lineage(cfg, start),
-                       attention=attention_implementation(cfg), batch=batch_summary(cfg),
+                       batch=batch_summary(cfg),
                        resumed_from=str(resume_from) if resume_from else None, versions=_versions())
         log.info("%s stage in %s, starting from %s %s", cfg.stage.name, run.path, start.kind,
                  start.adapter or start.weights)
         metrics_writer = MetricsWriter(run)
         stage = stage_module(cfg.stage.name)
         trainer = stage.build_trainer(cfg, run, start, callbacks=[metrics_writer, CheckpointMarker(run), *callbacks])
+        # The implementation the loaded model uses (after any fallback), read back rather than recomputed.
+        update_summary(run, attention=getattr(trainer.model.config, "_attn_implementation", None))
         if hasattr(stage, "reference_summary"):
             update_summary(run, reference=stage.reference_summary(trainer))
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

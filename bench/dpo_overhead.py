@@ -54,6 +54,7 @@ def main() -> None:
             run_dir = Path(scratch) / f"ours-{repeat}"
             t_ours, _ = timed([sys.executable, "-m", "alignment", "stage=dpo", f"stage.max_steps={args.steps}",
                                f"stage.per_device_train_batch_size={SETTINGS['batch']}",
+                               f"stage.global_batch_size={SETTINGS['batch']}",
                                f"learning_rate={SETTINGS['lr']}", f"beta={SETTINGS['beta']}",
                                f"stage.max_length={SETTINGS['max_length']}", "stage.max_prompt_length=128", f"seed={SETTINGS['seed']}",
                                "stage.warmup_ratio=0", "dataset.eval_split=null", f"run_dir={run_dir}"], env)

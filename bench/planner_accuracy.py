@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     common = ["stage=sft", "stage.packing=true", f"stage.max_steps={args.steps}", "stage.save_steps=100000",
               f"stage.max_length={args.max_length}", f"stage.per_device_train_batch_size={args.micro_batch}",
-              "stage.eval_steps=null", "learning_rate=1e-4", *TWIN]
+              f"stage.global_batch_size={args.micro_batch}", "stage.eval_steps=null", "learning_rate=1e-4", *TWIN]
     cases = {"full": ["peft=none"], "lora": ["peft=lora"],
              "full+checkpointing": ["peft=none", "model.gradient_checkpointing=true"],
              "lora+checkpointing": ["peft=lora", "model.gradient_checkpointing=true"]}

@@ -136,6 +136,7 @@ def test_dry_run_shows_the_plan_for_the_backend_and_the_launch_command(tmp_path)
     out = result.stdout
     assert "memory plan per device (2 × 80 GB, backend fsdp" in out
     assert "global batch 32 = micro batch 1 × accumulation 16 × 2 processes" in out
-    assert "-m accelerate.commands.launch" in out and "--num_processes 2" in out and "dry_run" not in \
-        out.split("== launch ==", 1)[1].split("\n")[1]
+    command = out.split("== launch ==", 1)[1].split("\n")[1]
+    assert "-m accelerate.commands.launch" in command and "--num_processes 2" in command
+    assert " dry_run=" not in command, "the ranks would otherwise only plan"
     assert not (tmp_path / "outputs").exists(), "a dry run writes nothing"
