@@ -152,3 +152,25 @@ def test_qlora_under_sharded_backends_on_gpu(tmp_path, backend):
     assert summary["status"] == "finished" and summary["distributed"]["world_size"] == 2
     assert (run_dir / "model" / "adapter_config.json").exists()
     assert os.path.getsize(run_dir / "model" / "adapter_model.safetensors") > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_sharded_checkpoints_resume_to_the_same_result(tmp_path, backend):
+    """A 2-process run that died after its last step resumes from its sharded checkpoint and ends the same."""
+    extra = PARTITION_ALL if backend == "zero3" else []
+    run_dir = _train(tmp_path, backend, *DPO, "stage.save_steps=2", f"backend={backend}", "launcher.num_processes=2",
+                     *extra)
+    finished = _summary(run_dir)
+    sharded = {"fsdp": "pytorch_model_fsdp_0", "zero3": "global_step2"}[backend]
+    assert (run_dir / "checkpoints" / "checkpoint-2" / sharded).is_dir(), "checkpoints hold one shard per rank"
+    (run_dir / "summary.json").write_text(json.dumps({**finished, "status": "failed"}))
+    result = run_cli(*DPO, "stage.save_steps=2", f"backend={backend}", "launcher.num_processes=2", *extra,
+                     f"run_dir={run_dir}", "resume=true", cwd=tmp_path / backend,
+                     env={"ALIGNMENT_CACHE": str(tmp_path / backend / "cache")})
+    assert result.returncode == 0, result.stderr[-4000:]
+    resumed = _summary(run_dir)
+    assert resumed["status"] == "finished" and resumed["resumed_from"].endswith("checkpoint-2")
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1)), "each step logged once across the two launches"
+    assert resumed["final_metrics"]["loss"] == pytest.approx(finished["final_metrics"]["loss"], abs=LOSS_TOLERANCE)
