@@ -238,6 +238,20 @@ class LauncherConfig(_Frozen):
 
 
 @dataclass
+class DiagnosticsConfig(_Frozen):
+    """Training-health alarms (alignment/diagnostics.py), from seed 000's guide to DPO logs."""
+
+    enabled: bool = True
+    after_steps: int = 20            # trend alarms (loss at ln 2, flat accuracy, margins, sinking rewards) wait this long
+    window: int = 5                  # logged steps averaged for a trend alarm
+    ln2_tolerance: float = 0.01      # |mean loss - ln 2| below this = no preference learned
+    grad_norm_low: float = 1.0e-6    # median grad_norm below this = parameters barely move
+    grad_norm_high: float = 1.0e3    # grad_norm above this = exploding
+    accuracy_band: float = 0.1       # |mean rewards/accuracies - 0.5| below this = coin flip
+    sinking_ratio: float = 0.85      # chosen reward fell at least this share of the rejected one's fall
+
+
+@dataclass
 class RunConfig(_Frozen):
     model: ModelConfig = field(default_factory=ModelConfig)
     stage: StageConfig = field(default_factory=StageConfig)
@@ -246,6 +260,7 @@ class RunConfig(_Frozen):
     peft: PeftConfig = field(default_factory=PeftConfig)
     ref: RefConfig = field(default_factory=RefConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     experiment: Optional[str] = None
     beta: float = 0.1
     learning_rate: float = MISSING

@@ -8,6 +8,7 @@ Layout (the user-facing contract):
     <run_dir>/model/         save_pretrained output
     <run_dir>/checkpoints/   trainer checkpoints; each complete one holds a COMPLETE marker
     <run_dir>/run.log        the console log of the run
+    <run_dir>/plots/         PNG curves of the logged metrics (alignment/plots.py)
 A chain (SFT → DPO) uses one directory holding summary.json and one run dir per link (`1-sft`, `2-dpo`).
 """
 
@@ -60,6 +61,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
 
     @property
     def log(self) -> Path:

@@ -17,7 +17,9 @@ from .config import ConfigError, RunConfig, freeze
 from .modeling import uses_cuda
 from .backends import engine_report, save_model
 from .batch import batch_plan
+from .diagnostics import Diagnostics
 from .dryrun import describe
+from .plots import plot_run
 from .launch import (LaunchFailed, is_secondary_machine, launch, launch_preview, needs_launch, resolve_launcher,
                      slurm_run_path)
 from .ranks import init_process_group, is_main_process, launched_run_dir, main_process_first, shutdown_process_group
@@ -57,6 +59,11 @@ def _versions() -> dict[str, str]:
             "trl": trl.__version__}
 
 
+def _newest_checkpoint(run: RunDir) -> str | None:
+    complete = sorted(run.checkpoints.glob("checkpoint-*/COMPLETE"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    return str(complete[-1].parent) if complete else None
+
+
 def batch_summary(cfg: RunConfig) -> dict[str, int]:
     plan = batch_plan(cfg, cfg.launcher.num_processes or 1)
     return {"global": plan.global_batch, "micro": plan.micro_batch, "accumulation": plan.accumulation,
@@ -74,6 +81,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
     else:
         write_config(run, cfg)
     handler = attach_run_log(run) if is_main_process() else None
+    diagnostics = Diagnostics(cfg.diagnostics, cfg.stage.name)
     try:
         with main_process_first():  # rank 0 merges a parent adapter or builds the tiny twin; the others reuse it
             start = prepare_start(cfg)
@@ -85,7 +93,8 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
                  start.adapter or start.weights)
         metrics_writer = MetricsWriter(run)
         stage = stage_module(cfg.stage.name)
-        trainer = stage.build_trainer(cfg, run, start, callbacks=[metrics_writer, CheckpointMarker(run), *callbacks])
+        trainer = stage.build_trainer(cfg, run, start,
+                                      callbacks=[metrics_writer, CheckpointMarker(run), diagnostics, *callbacks])
         # The implementation the loaded model uses (after any fallback), read back rather than recomputed.
         update_summary(run, attention=getattr(trainer.model.config, "_attn_implementation", None))
         if hasattr(stage, "reference_summary"):
@@ -96,16 +105,20 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         save_model(trainer, run.model)
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        update_summary(run, status=status, error=f"{type(err).__name__}: {err}", ended_at=_now())
+        update_summary(run, status=status, error=f"{type(err).__name__}: {err}", ended_at=_now(),
+                       diagnostics=diagnostics.summary(), last_complete_checkpoint=_newest_checkpoint(run))
         log.error("%s stage %s in %s: %s", cfg.stage.name, status, run.path, err)
         raise
     finally:
+        if is_main_process():
+            plot_run(read_metrics(run.metrics), run.plots, f"{cfg.stage.name} {run.path.name}")
         if handler is not None:
             detach_run_log(handler)
     records = train_records(read_metrics(run.metrics))
     summary = update_summary(
         run, status="finished", ended_at=_now(), model_path=str(run.model),
-        final_metrics=records[-1] if records else {}, eval_metrics=eval_metrics, train=metrics_writer.train_summary)
+        final_metrics=records[-1] if records else {}, eval_metrics=eval_metrics, train=metrics_writer.train_summary,
+        diagnostics=diagnostics.summary())
     return StageOutcome(run=run, summary=summary, trainer=trainer)
 
 
