@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from .compose import CONF_DIR, CONFIG_NAME, preflight
 from .config import ConfigError, to_run_config
 from .ranks import LAUNCH_STARTED
+from .sweep import current_sweep_name
 
 EXIT_BAD_INPUT = 2
 
@@ -26,12 +27,15 @@ def _fail(err: ConfigError) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def _hydra_entry(composed) -> None:
     hydra_config = HydraConfig.get()
-    member_dir = Path(hydra_config.runtime.output_dir) if hydra_config.mode == RunMode.MULTIRUN else None
     from .launch import LaunchFailed
-    from .runner import run  # imported here so that bad input is refused before torch/transformers load
+    from .runner import run, run_member  # imported here so that bad input is refused before torch/transformers load
 
+    overrides = list(hydra_config.overrides.task)
     try:
-        run(to_run_config(composed), list(hydra_config.overrides.task), member_dir)
+        if hydra_config.mode == RunMode.MULTIRUN:  # a member never stops the sweep; its status is recorded
+            return run_member(to_run_config(composed), overrides, Path(hydra_config.runtime.output_dir),
+                              int(hydra_config.job.num))
+        run(to_run_config(composed), overrides)
     except ConfigError as err:
         _fail(err)
     except LaunchFailed as err:
@@ -42,12 +46,17 @@ def _hydra_entry(composed) -> None:
 def main() -> None:
     # When the command started, kept across a re-launch, so rank 0 can report command → first step.
     os.environ.setdefault(LAUNCH_STARTED, str(time.time()))
+    current_sweep_name()  # fixed now, from this command line, before Hydra resolves any sweep dir
     # Every member of the command is composed and validated before Hydra starts the first one.
     try:
         preflight(sys.argv[1:])
     except ConfigError as err:
         _fail(err)
     _hydra_entry()
+    from .sweep import LAST_SWEEP
+
+    if LAST_SWEEP.get("failed"):
+        sys.exit(1)  # a sweep succeeds only when every member finished
 
 
 if __name__ == "__main__":

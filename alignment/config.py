@@ -292,6 +292,11 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("fixture"):
         # `${fixture:tiny_ultrachat}` → the fixture shipped inside the package, wherever it is installed.
         OmegaConf.register_new_resolver("fixture", lambda name: str(FIXTURES_DIR / name))
+    if not OmegaConf.has_resolver("sweep_name"):
+        from .sweep import current_sweep_name
+
+        # hydra.sweep.dir: named after the command's overrides, so the same command finds the same sweep dir.
+        OmegaConf.register_new_resolver("sweep_name", current_sweep_name)
 
 
 _register_resolvers()
