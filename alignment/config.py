@@ -238,6 +238,16 @@ class LauncherConfig(_Frozen):
 
 
 @dataclass
+class TrackerConfig(_Frozen):
+    """Where metrics go besides metrics.jsonl and plots/ (alignment/trackers.py). Values in conf/tracker/."""
+
+    name: str = "none"                 # none | wandb | tensorboard
+    project: str = "alignment"
+    entity: Optional[str] = None
+    mode: str = "auto"                 # wandb: auto | offline | online
+
+
+@dataclass
 class DiagnosticsConfig(_Frozen):
     """Training-health alarms (alignment/diagnostics.py), from seed 000's guide to DPO logs."""
 
@@ -261,6 +271,7 @@ class RunConfig(_Frozen):
     ref: RefConfig = field(default_factory=RefConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     experiment: Optional[str] = None
     beta: float = 0.1
     learning_rate: float = MISSING

@@ -26,7 +26,8 @@ from .ranks import init_process_group, is_main_process, launched_run_dir, main_p
 from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, last_complete_checkpoint,
                      new_run_path, read_summary, update_summary, write_config)
 from .stages import stage_module
-from .sweep import member_state, record_member
+from .sweep import current_sweep_name, member_state, record_member
+from .trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
 from .start import lineage, prepare_start, resolve_start
 from .tracking import (CheckpointMarker, MetricsWriter, attach_run_log, detach_run_log, format_table, read_metrics,
                        train_records, truncate_metrics)
@@ -83,6 +84,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         write_config(run, cfg)
     handler = attach_run_log(run) if is_main_process() else None
     diagnostics = Diagnostics(cfg.diagnostics, cfg.stage.name)
+    tracker = None
     try:
         with main_process_first():  # rank 0 merges a parent adapter or builds the tiny twin; the others reuse it
             start = prepare_start(cfg)
@@ -93,6 +95,8 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         log.info("%s stage in %s, starting from %s %s", cfg.stage.name, run.path, start.kind,
                  start.adapter or start.weights)
         metrics_writer = MetricsWriter(run)
+        tracker_environment(cfg, run)
+        tracker = start_tracker(cfg, run) if is_main_process() else None
         stage = stage_module(cfg.stage.name)
         trainer = stage.build_trainer(cfg, run, start,
                                       callbacks=[metrics_writer, CheckpointMarker(run), diagnostics, *callbacks])
@@ -109,6 +113,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         update_summary(run, status=status, error=f"{type(err).__name__}: {err}", ended_at=_now(),
                        diagnostics=diagnostics.summary(), last_complete_checkpoint=_newest_checkpoint(run))
         log.error("%s stage %s in %s: %s", cfg.stage.name, status, run.path, err)
+        finish_tracker(tracker, failed=True)
         raise
     finally:
         if is_main_process():
@@ -120,6 +125,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         run, status="finished", ended_at=_now(), model_path=str(run.model),
         final_metrics=records[-1] if records else {}, eval_metrics=eval_metrics, train=metrics_writer.train_summary,
         diagnostics=diagnostics.summary())
+    finish_tracker(tracker, failed=False)
     return StageOutcome(run=run, summary=summary, trainer=trainer)
 
 
@@ -294,6 +300,8 @@ def run_member(cfg: RunConfig, user_overrides: list[str], member_dir: Path, numb
     if state == "unfinished":
         log.info("sweep member %d: resuming the unfinished run in %s", number, member_dir)
         cfg = freeze(dataclasses.replace(cfg, resume=True))
+    # Trackers group the members by sweep and name each by its overrides (inherited by launched ranks).
+    os.environ[SWEEP_GROUP_ENV], os.environ[MEMBER_LABEL_ENV] = current_sweep_name(), member_label(user_overrides)
     try:
         run(cfg, user_overrides, member_dir)
         status = "finished"

@@ -71,6 +71,8 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     _one_of("backend.device", cfg.backend.device, _DEVICES)
     _one_of("backend.mixed_precision", cfg.backend.mixed_precision, _PRECISIONS)
     _one_of("peft.method", cfg.peft.method, _PEFT_METHODS)
+    _one_of("tracker.name", cfg.tracker.name, ("none", "wandb", "tensorboard"))
+    _one_of("tracker.mode", cfg.tracker.mode, ("auto", "offline", "online", "disabled"))
     _require(cfg.peft.method == "none" or cfg.peft.r >= 1, f"peft.r must be >= 1 (got {cfg.peft.r}).")
     if cfg.peft.method == "qlora":
         _check_qlora(cfg)

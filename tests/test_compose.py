@@ -17,13 +17,14 @@ from .conftest import run_cli
 
 
 def _combinations():
-    # ref options depend on peft and the parent run, backends are orthogonal to the rest: each has its own test.
-    groups = [g for g in config_groups() if g not in ("ref", "backend")]
+    # ref options depend on peft and the parent run; backends and trackers are orthogonal to the rest: each has
+    # its own test.
+    groups = [g for g in config_groups() if g not in ("ref", "backend", "tracker")]
     return [dict(zip(groups, choice)) for choice in itertools.product(*(group_options(g) for g in groups))]
 
 
 def test_conf_has_the_groups_of_the_product():
-    assert {"model", "stage", "dataset", "backend", "peft", "ref", "experiment"} <= set(config_groups())
+    assert {"model", "stage", "dataset", "backend", "peft", "ref", "tracker", "experiment"} <= set(config_groups())
     assert {"tiny_qwen2", "tiny_mistral", "mistral7b", "qwen72b"} <= set(group_options("model"))
 
 
@@ -49,6 +50,13 @@ def test_every_backend_composes_and_validates_for_every_model(backend, model):
         assert (cfg.backend.fsdp is not None) == (backend == "fsdp")
         assert (cfg.backend.zero3 is not None) == (backend == "zero3")
         validate(cfg)
+
+
+@pytest.mark.parametrize("tracker", group_options("tracker"))
+def test_every_tracker_composes_and_validates(tracker):
+    cfg = compose_run_config([f"tracker={tracker}", "stage=dpo", "dry_run=true"])
+    assert cfg.tracker.name == tracker
+    validate(cfg)
 
 
 REF_ERRORS = {("adapter_copy", "none"): "ref=adapter_copy needs", ("adapter_copy", "lora"): "ref=adapter_copy needs",

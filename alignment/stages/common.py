@@ -15,6 +15,7 @@ from ..modeling import load_policy, load_tokenizer, lora_config, mixed_precision
 from ..ranks import main_process_first
 from ..rundir import RunDir, write_json
 from ..start import StartingPoint
+from ..trackers import report_to
 
 
 def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, 
         use_cpu=not uses_cuda(cfg),
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": cfg.model.use_reentrant},
-        report_to="none",
+        report_to=report_to(cfg),
         # Every trainable parameter takes part in every step (frozen LoRA bases do not require grad), so DDP
         # need not search the graph for unused ones each step.
         ddp_find_unused_parameters=False,
