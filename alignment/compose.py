@@ -128,6 +128,8 @@ def sweep_members(overrides: list[str]) -> list[list[str]]:
     for override in OverridesParser.create().parse_overrides(overrides):
         if override.is_sweep_override():
             key = override.input_line.split("=", 1)[0]
+            if override.is_interval_sweep():  # a search range (optuna): checked with the key's default value
+                continue
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([override.input_line])

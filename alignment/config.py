@@ -287,6 +287,9 @@ class RunConfig(_Frozen):
     # its base first, as the handbook does before DPO. auto: keep with peft=lora/qlora, merge with peft=none.
     parent_adapter: str = "auto"
     chain: list[list[str]] = field(default_factory=list)
+    # The metric a sweeper optimises (hydra/sweeper=optuna); its held-out eval_ version is used when the run
+    # evaluated. Failed members report NaN, which optuna records as a failed trial.
+    objective: str = "rewards/accuracies"
 
 
 STAGES = ("sft", "dpo")

@@ -26,7 +26,7 @@ from .ranks import init_process_group, is_main_process, launched_run_dir, main_p
 from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, last_complete_checkpoint,
                      new_run_path, read_summary, update_summary, write_config)
 from .stages import stage_module
-from .sweep import current_sweep_name, member_state, record_member
+from .sweep import current_sweep_name, member_state, objective_value, record_member
 from .trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
 from .start import lineage, prepare_start, resolve_start
 from .tracking import (CheckpointMarker, MetricsWriter, attach_run_log, detach_run_log, format_table, read_metrics,
@@ -291,12 +291,15 @@ def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
     return last
 
 
-def run_member(cfg: RunConfig, user_overrides: list[str], member_dir: Path, number: int) -> str:
-    """One --multirun member: skipped when finished, resumed when unfinished; a failure is recorded, not raised."""
+def run_member(cfg: RunConfig, user_overrides: list[str], member_dir: Path, number: int) -> float:
+    """One --multirun member: skipped when finished, resumed when unfinished; a failure is recorded, not raised.
+
+    Returns the member's value of cfg.objective (NaN when it failed): what a search sweeper maximises.
+    """
     state = member_state(member_dir)
     if state == "finished":
         log.info("sweep member %d (%s) already finished in %s: skipped", number, " ".join(user_overrides), member_dir)
-        return state
+        return objective_value(member_dir, cfg.objective)
     if state == "unfinished":
         log.info("sweep member %d: resuming the unfinished run in %s", number, member_dir)
         cfg = freeze(dataclasses.replace(cfg, resume=True))
@@ -304,14 +307,12 @@ def run_member(cfg: RunConfig, user_overrides: list[str], member_dir: Path, numb
     os.environ[SWEEP_GROUP_ENV], os.environ[MEMBER_LABEL_ENV] = current_sweep_name(), member_label(user_overrides)
     try:
         run(cfg, user_overrides, member_dir)
-        status = "finished"
     except Exception as err:  # ConfigError, a failed launch, NaN, OOM: this member fails, the sweep goes on
-        status = "failed"
         log.error("sweep member %d (%s) failed: %s: %s", number, " ".join(user_overrides), type(err).__name__, err)
         if (read_summary(member_dir) or {}).get("status") != "failed":
             update_summary(RunDir(member_dir), status="failed", error=f"{type(err).__name__}: {err}", ended_at=_now())
     record_member(member_dir, user_overrides, number)
-    return status
+    return objective_value(member_dir, cfg.objective)
 
 
 __all__ = ["ConfigError", "StageOutcome", "chain_configs", "run", "run_chain", "run_stage"]

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,30 @@ def sweep_name(overrides) -> str:
 
 
 def current_sweep_name() -> str:
-    """The name this command's sweep dir gets (`${sweep_name:}` in conf/config.yaml); set once per command."""
+    """The name this command's sweep dir gets (`${sweep_name:}` in conf/config.yaml); set once per command.
+
+    A search sweeper (optuna) samples new values on every run, so the same command is not the same sweep:
+    its dir also carries the start time.
+    """
     if not os.environ.get(SWEEP_NAME_ENV):
         from .compose import cli_overrides
 
-        os.environ[SWEEP_NAME_ENV] = sweep_name(cli_overrides(sys.argv[1:]) or [])
+        overrides = cli_overrides(sys.argv[1:]) or []
+        name = sweep_name(overrides)
+        if any(o.startswith("hydra/sweeper=") and not o.endswith("=basic") for o in overrides):
+            name = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{name}"
+        os.environ[SWEEP_NAME_ENV] = name
     return os.environ[SWEEP_NAME_ENV]
+
+
+def objective_value(member_dir: Path, metric: str) -> float:
+    """The member's value of the sweep objective: held-out (eval_) when evaluated, else the last training step's."""
+    summary = member_summary(member_dir) or {}
+    if summary.get("status") != "finished":
+        return float("nan")
+    evaluation, final = summary.get("eval_metrics") or {}, summary.get("final_metrics") or {}
+    value = evaluation.get(f"eval_{metric}", final.get(metric))
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def member_summary(member_dir: Path) -> dict[str, Any] | None:
@@ -137,6 +156,13 @@ class SweepSummary(Callback):
         state = "all finished" if not outcome["failed"] else f"members not finished: {', '.join(outcome['failed'])}"
         print(f"\nsweep: {outcome['members']} members, {state}\n{(sweep_dir / 'sweep_summary.md').read_text()}"
               f"summary: {sweep_dir / 'sweep_summary.csv'}, plot: {sweep_dir / 'sweep_comparison.png'}", flush=True)
+        if config.tracker.name == "wandb":
+            from .dashboard import dashboard_spec, save_or_publish
+            from .trackers import wandb_mode
+
+            spec = dashboard_spec(config.tracker.project, config.tracker.entity, current_sweep_name(),
+                                  swept_keys(_members(sweep_dir)))
+            print(save_or_publish(spec, sweep_dir, online=wandb_mode(config) == "online"), flush=True)
 
 
 def record_member(member_dir: Path, overrides: list[str], number: int) -> None:

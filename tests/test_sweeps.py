@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from .conftest import run_cli
 
@@ -76,3 +77,33 @@ def test_a_failing_member_does_not_stop_the_sweep_and_a_rerun_finishes_only_the_
     steps = [json.loads(line)["step"] for line in (sweep / "2" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], "the resumed member logs each step once"
     assert os.path.exists(sweep / "2" / "model" / "config.json")
+
+
+def test_each_multi_process_member_gets_its_own_launch(demo_run, tmp_path):
+    """Members run one after another, each launching its own 2 ranks: never two members in one process group."""
+    result = _sweep(tmp_path, demo_run["dir"] / "1-sft", "0.1,0.5", "stage.max_steps=2", "backend=ddp",
+                    "launcher.num_processes=2", "stage.per_device_train_batch_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = _one_sweep_dir(tmp_path)
+    for member in ("0", "1"):
+        summary = json.loads((sweep / member / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["distributed"]["world_size"] == 2
+        command = (sweep / member / "launch" / "command.sh").read_text()
+        assert f"run_dir={sweep / member}" in command and "beta=" in command
+    assert result.stdout.count("alignment: launching 2 processes") == 2
+
+
+def test_optuna_searches_beta_maximising_the_named_metric(demo_run, tmp_path):
+    result = run_cli("--multirun", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.direction=maximize",
+                     "hydra.sweeper.sampler.seed=0", "beta=interval(0.05,2.0)", "objective=rewards/margins",
+                     "stage=dpo", f"parent_run={demo_run['dir'] / '1-sft'}", "learning_rate=3e-4", "stage.max_steps=6",
+                     "stage.max_length=256", "stage.max_prompt_length=128", "stage.global_batch_size=32",
+                     "stage.per_device_train_batch_size=32", "dataset.eval_split=null", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = _one_sweep_dir(tmp_path)
+    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"finished"}
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    margins = {float(r["beta"]): float(r["rewards/margins"]) for r in rows}
+    assert best["best_value"] == pytest.approx(max(margins.values()))
+    assert margins[best["best_params"]["beta"]] == pytest.approx(best["best_value"])

@@ -64,3 +64,25 @@ def test_wandb_offline_run_holds_reward_metrics_and_the_masked_config(tmp_path):
     assert list(run.tags) == ["dpo", "tiny_qwen2", "single"] and run.run_group == "run" and run.project == "alignment"
     leaked = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_wandb_sweep_groups_members_and_keeps_a_dashboard_spec_offline(demo_run, tmp_path):
+    from alignment.dashboard import build_workspace
+
+    result = run_cli("--multirun", "stage=dpo", "tracker=wandb", "beta=0.1,0.5", "stage.max_steps=2",
+                     f"parent_run={demo_run['dir'] / '1-sft'}", "stage.global_batch_size=8", "stage.max_length=256",
+                     "stage.max_prompt_length=128", "dataset.eval_split=null", cwd=tmp_path,
+                     env={"WANDB_API_KEY": "", "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = next((tmp_path / "outputs" / "sweeps").iterdir())
+    spec = json.loads((sweep / "wandb_dashboard.json").read_text())
+    assert spec["group"] == sweep.name and spec["group_by"] == ["beta"] and spec["x"] == "train/global_step"
+    assert [p["title"] for p in spec["panels"]] == ["reward margins", "reward accuracies", "chosen vs rejected rewards",
+                                                     "loss", "grad_norm", "learning rate"]
+    assert "python -m alignment.dashboard publish" in result.stdout
+    for member in ("0", "1"):
+        records = wandb_records(next((sweep / member / "wandb").glob("offline-run-*/run-*.wandb")))
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.run_group == sweep.name and run.display_name.startswith("stage=dpo tracker=wandb beta=")
+    workspace = build_workspace(spec, entity="someone")  # the object publish() would save, built offline
+    assert len(workspace.sections[0].panels) == 6
