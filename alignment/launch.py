@@ -162,7 +162,8 @@ def rank_overrides(user_overrides: list[str], cfg: RunConfig) -> list[str]:
     """The user's overrides, with the run dir and the process count fixed for every rank."""
     fixed = ("run_dir", "launcher.num_processes", "dry_run")
     kept = [o for o in user_overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]
-    return [*kept, f"run_dir={cfg.run_dir}", f"launcher.num_processes={cfg.launcher.num_processes}"]
+    # Quoted: Hydra's override grammar would read '=' or ',' in a path as syntax.
+    return [*kept, f"run_dir='{cfg.run_dir}'", f"launcher.num_processes={cfg.launcher.num_processes}"]
 
 
 def launch_command(cfg: RunConfig, user_overrides: list[str], where: Machine) -> list[str]:

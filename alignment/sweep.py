@@ -35,9 +35,10 @@ SWEEP_NAME_ENV = "ALIGNMENT_SWEEP_NAME"
 
 
 def sweep_name(overrides) -> str:
-    """`beta=0.05,0.1 stage=dpo` → 'beta=0.05,0.1_stage=dpo-1a2b3c4d': readable, and the same for the same command."""
+    """`beta=0.05,0.1 stage=dpo` → 'beta-0.05-0.1_stage-dpo-1a2b3c4d': readable, and the same for the same command."""
     items = sorted(str(o) for o in overrides if not str(o).startswith(("hydra.", "hydra/")))
-    readable = re.sub(r"[^A-Za-z0-9_.,=+-]+", "-", "_".join(items))[:80] or "defaults"
+    # Only characters Hydra accepts unquoted in an override value: the dir is passed on as run_dir=... to ranks.
+    readable = re.sub(r"[^A-Za-z0-9_.+-]+", "-", "_".join(items))[:80] or "defaults"
     return f"{readable}-{hashlib.sha1(' '.join(items).encode()).hexdigest()[:8]}"
 
 

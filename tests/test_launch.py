@@ -72,7 +72,7 @@ def test_global_batch_is_kept_when_the_process_count_changes():
 def test_rank_overrides_fix_the_run_dir_and_process_count_for_every_rank(tmp_path):
     cfg = resolve_launcher(compose_run_config(["backend=fsdp", f"run_dir={tmp_path}"]))
     overrides = rank_overrides(["backend=fsdp", "run_dir=elsewhere", "beta=0.2", "dry_run=true"], cfg)
-    assert overrides == ["backend=fsdp", "beta=0.2", f"run_dir={tmp_path}", "launcher.num_processes=2"]
+    assert overrides == ["backend=fsdp", "beta=0.2", f"run_dir='{tmp_path}'", "launcher.num_processes=2"]
     command = launch_command(cfg, ["backend=fsdp"], machine(cfg))
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     assert command[command.index("--num_processes") + 1] == "2"

@@ -89,7 +89,7 @@ def test_each_multi_process_member_gets_its_own_launch(demo_run, tmp_path):
         summary = json.loads((sweep / member / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["distributed"]["world_size"] == 2
         command = (sweep / member / "launch" / "command.sh").read_text()
-        assert f"run_dir={sweep / member}" in command and "beta=" in command
+        assert str(sweep / member) in command and "beta=" in command
     assert result.stdout.count("alignment: launching 2 processes") == 2
 
 
