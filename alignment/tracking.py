@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .ranks import LAUNCH_STARTED
 from .rundir import CHECKPOINT_COMPLETE, RunDir
@@ -54,6 +55,18 @@ class MetricsWriter(TrainerCallback):
             shown = [prefix + k for k in TABLE_FIELDS if isinstance(record.get(prefix + k), (int, float))]
             log.info("step %d/%d %s", state.global_step, state.max_steps,
                      " ".join(f"{k}={record[k]:.4g}" for k in shown))
+
+
+class MetricsProgress(ProgressCallback):
+    """The trainer's progress bar (terminals only: CI logs get none), with the key metrics as its postfix
+    instead of a printed dict per logged step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k.split("/")[-1][:6]: f"{v:.3g}" for k, v in logs.items()
+                     if k in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm") and isinstance(v, (int, float))}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
 
 
 class CheckpointMarker(TrainerCallback):

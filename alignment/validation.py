@@ -152,6 +152,19 @@ def _check_devices(cfg: RunConfig) -> None:
              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Use launcher.num_processes={gpus * launcher.num_machines}, "
              f"or leave it null to use every visible GPU.")
     check_engine_installed(cfg)
+    _check_tracker_installed(cfg)
+
+
+def _check_tracker_installed(cfg: RunConfig) -> None:
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(cfg.tracker.name)
+    if package is None:
+        return
+    try:
+        __import__(package)
+    except Exception as err:
+        raise ConfigError(f"tracker={cfg.tracker.name} needs the {package} package, and it cannot be imported "
+                          f"({type(err).__name__}: {err}). Install it (`pip install {package}`) or use tracker=none "
+                          f"(metrics.jsonl and plots/ are always written).") from None
 
 
 def _check_backend(cfg: RunConfig) -> None:

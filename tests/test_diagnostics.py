@@ -126,3 +126,25 @@ def test_the_healthy_demo_raises_no_alarm(demo_run):
     assert plots == ["grad_norm.png", "learning_rate.png", "loss.png", "rewards_accuracies.png",
                      "rewards_chosen_rejected.png", "rewards_margins.png"]
     assert math.isfinite(summary["final_metrics"]["loss"])
+
+
+def test_progress_bar_shows_key_metrics_instead_of_printing_each_log():
+    from types import SimpleNamespace
+
+    from alignment.tracking import MetricsProgress
+
+    class Bar:
+        postfix, written = None, []
+
+        def set_postfix(self, values, refresh=True):
+            self.postfix = values
+
+        def write(self, text):
+            self.written.append(text)
+
+    progress = MetricsProgress()
+    progress.training_bar = Bar()
+    state = SimpleNamespace(is_world_process_zero=True)
+    progress.on_log(None, state, None, logs={"loss": 0.61234, "rewards/margins": 0.25, "epoch": 0.5, "num_tokens": 9.0})
+    assert progress.training_bar.postfix == {"loss": "0.612", "margin": "0.25"}
+    assert progress.training_bar.written == []

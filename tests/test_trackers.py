@@ -86,3 +86,16 @@ def test_wandb_sweep_groups_members_and_keeps_a_dashboard_spec_offline(demo_run,
         assert run.run_group == sweep.name and run.display_name.startswith("stage=dpo tracker=wandb beta=")
     workspace = build_workspace(spec, entity="someone")  # the object publish() would save, built offline
     assert len(workspace.sections[0].panels) == 6
+
+
+def test_tensorboard_writes_event_files_with_the_reward_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_cli("stage=dpo", "tracker=tensorboard", "stage.max_steps=3", "stage.global_batch_size=8",
+                     "stage.max_length=256", "stage.max_prompt_length=128", "dataset.eval_split=null",
+                     f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    margins = events.Scalars("train/rewards/margins")
+    assert [e.step for e in margins] == [1, 2, 3]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..backends import arm_engine
 from ..batch import batch_plan
@@ -16,6 +16,7 @@ from ..ranks import main_process_first
 from ..rundir import RunDir, write_json
 from ..start import StartingPoint
 from ..trackers import report_to
+from ..tracking import MetricsProgress
 
 
 def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, Any]:
@@ -95,4 +96,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
         **(trainer_extras(data) if trainer_extras else {}),
     )
     trainer.remove_callback(PrinterCallback)  # MetricsWriter logs compact lines instead of every dict
+    if not args.disable_tqdm:  # a terminal: a bar with the key metrics instead of a printed dict per step
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(MetricsProgress())
     return trainer
