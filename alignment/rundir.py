@@ -199,3 +199,10 @@ def last_complete_checkpoint(run: RunDir) -> Path | None:
         if state.get("global_step", 0) < state.get("max_steps", 0):
             resumable.append((state["global_step"], path))
     return max(resumable, default=(0, None))[1]
+
+
+def newest_complete_checkpoint(run: RunDir) -> str | None:
+    """The newest checkpoint with its COMPLETE marker, final step included: what a failed run still has."""
+    complete = sorted(run.checkpoints.glob(f"checkpoint-*/{CHECKPOINT_COMPLETE}"),
+                      key=lambda p: int(p.parent.name.split("-")[-1]))
+    return str(complete[-1].parent) if complete else None

@@ -24,7 +24,7 @@ from .launch import (LaunchFailed, is_secondary_machine, launch, launch_preview,
                      slurm_run_path)
 from .ranks import init_process_group, is_main_process, launched_run_dir, main_process_first, shutdown_process_group
 from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, last_complete_checkpoint,
-                     new_run_path, read_summary, update_summary, write_config)
+                     new_run_path, newest_complete_checkpoint, read_summary, update_summary, write_config)
 from .stages import stage_module
 from .sweep import current_sweep_name, member_state, objective_value, record_member
 from .trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
@@ -59,11 +59,6 @@ def _versions() -> dict[str, str]:
 
     return {"alignment": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__}
-
-
-def _newest_checkpoint(run: RunDir) -> str | None:
-    complete = sorted(run.checkpoints.glob("checkpoint-*/COMPLETE"), key=lambda p: int(p.parent.name.split("-")[-1]))
-    return str(complete[-1].parent) if complete else None
 
 
 def batch_summary(cfg: RunConfig) -> dict[str, int]:
@@ -111,7 +106,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         update_summary(run, status=status, error=f"{type(err).__name__}: {err}", ended_at=_now(),
-                       diagnostics=diagnostics.summary(), last_complete_checkpoint=_newest_checkpoint(run))
+                       diagnostics=diagnostics.summary(), last_complete_checkpoint=newest_complete_checkpoint(run))
         log.error("%s stage %s in %s: %s", cfg.stage.name, status, run.path, err)
         finish_tracker(tracker, failed=True)
         raise
