@@ -145,7 +145,12 @@ def link_overrides(cfg: RunConfig, user_overrides: list[str]) -> list[list[str]]
     """Override lists of the chain's links: the link's own first, then the user's (which win)."""
     if not cfg.chain or stage_chosen(user_overrides):
         return []
-    return [[*link, *user_overrides, "chain=[]"] for link in cfg.chain]
+    # A link naming its own preset (experiment=zephyr_dsft) keeps it: the user's experiment= chose the chain.
+    def for_link(link) -> list[str]:
+        presets = any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in link)
+        return [o for o in user_overrides if not (presets and o.split("=", 1)[0].lstrip("+~") == "experiment")]
+
+    return [[*link, *for_link(link), "chain=[]"] for link in cfg.chain]
 
 
 def preflight(argv: list[str]) -> None:

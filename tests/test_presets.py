@@ -1,0 +1,80 @@
+"""The seeds' experiments as presets: each composes, validates and dry-runs offline, and runs shrunk on a tiny twin."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.compose import compose_run_config, group_options
+from alignment.validation import validate
+
+from .conftest import run_cli
+
+PRESETS = ["zephyr_dsft", "zephyr_ddpo_paper", "zephyr_ddpo_handbook", "qwen72b_qlora_dpo", "zephyr"]
+# Shrinking: a tiny twin of the same family, the tiny fixture in the same schema, one CPU process, a few steps.
+SHRINK = ["stage.max_steps=2", "stage.max_length=256", "stage.global_batch_size=8", "stage.per_device_train_batch_size=4",
+          "stage.per_device_eval_batch_size=4", "backend=single", "launcher.num_processes=1", "stage.eval_steps=null",
+          "stage.save_steps=100"]
+
+
+def test_every_preset_is_in_the_experiment_group():
+    assert set(PRESETS) <= set(group_options("experiment"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_validates_and_dry_runs_offline(preset, tmp_path):
+    cfg = compose_run_config([f"experiment={preset}", "dry_run=true"])
+    validate(cfg)
+    result = run_cli(f"experiment={preset}", "dry_run=true", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "memory plan per device" in result.stdout and "dry run: nothing was loaded" in result.stdout
+
+
+def test_zephyr_presets_transcribe_the_recipes():
+    sft = compose_run_config(["experiment=zephyr_dsft"])
+    assert (sft.model.name, sft.dataset.name, sft.learning_rate, sft.stage.global_batch_size, sft.stage.max_length,
+            sft.stage.lr_scheduler_type, sft.stage.num_train_epochs) == ("mistral7b", "ultrachat_200k", 2e-5, 512, 2048,
+                                                                          "cosine", 1)
+    paper = compose_run_config(["experiment=zephyr_ddpo_paper"])
+    handbook = compose_run_config(["experiment=zephyr_ddpo_handbook"])
+    assert (paper.beta, paper.stage.num_train_epochs, paper.learning_rate, paper.stage.global_batch_size) == (0.1, 3, 5e-7, 32)
+    assert (handbook.beta, handbook.stage.num_train_epochs) == (0.01, 1)
+    assert handbook.stage.max_prompt_length == paper.stage.max_prompt_length == 512
+
+
+def test_qwen72b_preset_dry_run_reports_seed_000_settings(tmp_path):
+    result = run_cli("experiment=qwen72b_qlora_dpo", "dry_run=true", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for expected in ("global batch 32 = micro batch 1 × accumulation 16 × 2 processes", "max_length=512", "beta=0.1",
+                     "lr=1e-05", "max_steps=10", "peft         qlora", "backend      fsdp on 2 processes",
+                     "quant_storage: bfloat16", "quant_type: nf4", "test_size: 0.01", "pad_token: <|image_pad|>",
+                     "verdict: fits"):
+        assert expected in out, expected
+
+
+@pytest.mark.slow
+def test_every_preset_trains_shrunk_on_a_tiny_twin(tmp_path):
+    """Same presets, same code path; model, data and size swapped by override. The `zephyr` chain is its two
+    links run in turn here (dsft, then ddpo from it): one command-line dataset cannot serve both links."""
+    sft = tmp_path / "dsft"
+    result = run_cli("experiment=zephyr_dsft", "model=tiny_mistral", "dataset=tiny_sft", *SHRINK, f"run_dir={sft}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {"zephyr_dsft": sft}
+    for preset in ("zephyr_ddpo_paper", "zephyr_ddpo_handbook"):
+        runs[preset] = tmp_path / preset
+        result = run_cli(f"experiment={preset}", "model=tiny_mistral", "dataset=tiny_dpo", *SHRINK,
+                         "stage.max_prompt_length=128", f"parent_run={sft}", f"run_dir={runs[preset]}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    runs["qwen72b_qlora_dpo"] = tmp_path / "qwen"
+    result = run_cli("experiment=qwen72b_qlora_dpo", "model=tiny_qwen2", "dataset=tiny_dpo", *SHRINK,
+                     "stage.max_prompt_length=128", "peft.compute_dtype=float32", "peft.quant_storage=float32",
+                     "model.dtype=float32", f"run_dir={runs['qwen72b_qlora_dpo']}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for preset, run_dir in runs.items():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "finished", preset
+    config = (runs["zephyr_ddpo_handbook"] / "config.yaml").read_text()
+    assert "beta: 0.01" in config and "experiment: zephyr_ddpo_handbook" in config
