@@ -17,9 +17,9 @@ from .conftest import run_cli
 
 
 def _combinations():
-    # ref options depend on peft and the parent run; backends and trackers are orthogonal to the rest: each has
-    # its own test.
-    groups = [g for g in config_groups() if g not in ("ref", "backend", "tracker")]
+    # ref options depend on peft and the parent run; backends and trackers are orthogonal to the rest, and
+    # presets set the other groups themselves (tests/test_presets.py): each has its own test.
+    groups = [g for g in config_groups() if g not in ("ref", "backend", "tracker", "experiment")]
     return [dict(zip(groups, choice)) for choice in itertools.product(*(group_options(g) for g in groups))]
 
 
