@@ -19,6 +19,7 @@ from .backends import engine_report, save_model
 from .batch import batch_plan
 from .diagnostics import Diagnostics
 from .dryrun import describe
+from .model_card import write_model_card
 from .plots import plot_run
 from .launch import (LaunchFailed, is_secondary_machine, launch, launch_preview, needs_launch, resolve_launcher,
                      slurm_run_path)
@@ -120,6 +121,8 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         run, status="finished", ended_at=_now(), model_path=str(run.model),
         final_metrics=records[-1] if records else {}, eval_metrics=eval_metrics, train=metrics_writer.train_summary,
         diagnostics=diagnostics.summary())
+    if is_main_process():
+        write_model_card(cfg, run, summary)
     finish_tracker(tracker, failed=False)
     return StageOutcome(run=run, summary=summary, trainer=trainer)
 

@@ -78,3 +78,20 @@ def test_every_preset_trains_shrunk_on_a_tiny_twin(tmp_path):
         assert summary["status"] == "finished", preset
     config = (runs["zephyr_ddpo_handbook"] / "config.yaml").read_text()
     assert "beta: 0.01" in config and "experiment: zephyr_ddpo_handbook" in config
+
+
+@pytest.mark.slow
+def test_model_card_names_the_base_the_parent_run_and_the_data(demo_run):
+    card = (demo_run["dir"] / "2-dpo" / "model" / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    import yaml
+
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and "dpo" in meta["tags"]
+    assert meta["datasets"] == [str(__import__("alignment.config", fromlist=["FIXTURES_DIR"]).FIXTURES_DIR
+                                    / "tiny_ultrafeedback")]
+    assert f"parent run: `{(demo_run['dir'] / '1-sft').resolve()}` (sft, saved full model)" in body
+    assert "| tiny_ultrafeedback |" in body and "| train_prefs | train | 512 |" in body
+    assert "| beta | 0.5 |" in body and "global batch | 64 = 32 × 2 × 1 processes" in body
+    summary = json.loads((demo_run["dir"] / "2-dpo" / "summary.json").read_text())
+    assert f"| rewards/margins | {summary['final_metrics']['rewards/margins']:.4f} |" in body

@@ -1,0 +1,70 @@
+"""The model card (README.md in the model dir, Hugging Face format): where the model came from, what it was
+trained on, with which settings, and how it ended. Written by rank 0 after the model is saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import RunConfig
+from .rundir import RunDir
+from .secrets import redact_text
+
+CARD_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
+                "mean_token_accuracy")
+
+
+def _front_matter(cfg: RunConfig, adapter: bool) -> str:
+    meta = {"base_model": cfg.model.name_or_path, "library_name": "peft" if adapter else "transformers",
+            "tags": ["alignment", "trl", cfg.stage.name, *(["lora"] if adapter else [])],
+            "datasets": [source.path for source in cfg.dataset.sources]}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _metrics_table(title: str, metrics: dict[str, Any], prefix: str = "") -> list[str]:
+    rows = [(name, metrics[prefix + name]) for name in CARD_METRICS if isinstance(metrics.get(prefix + name), (int, float))]
+    if not rows:
+        return []
+    return [f"### {title}", "", "| metric | value |", "|---|---|", *(f"| {n} | {v:.4f} |" for n, v in rows), ""]
+
+
+def model_card(cfg: RunConfig, run: RunDir, summary: dict[str, Any]) -> str:
+    lineage = summary.get("lineage") or {}
+    batch = summary.get("batch") or {}
+    reference = summary.get("reference") or {}
+    adapter = (run.model / "adapter_config.json").exists()
+    lines = [_front_matter(cfg, adapter), f"# {run.path.name}", "",
+             f"A {cfg.stage.name.upper()} stage trained with alignment {__version__} on TRL "
+             f"{(summary.get('versions') or {}).get('trl', '?')}; saved as {'a LoRA adapter' if adapter else 'a full model'}.",
+             "", "## Lineage", "", f"- base model: `{cfg.model.name_or_path}`"]
+    for ancestor in lineage.get("ancestors", []):
+        lines.append(f"- parent run: `{ancestor['run_dir']}` ({ancestor.get('stage')}, saved {ancestor.get('saved')})")
+    lines += [f"- started from: {lineage.get('start', '?')} `{lineage.get('weights', '?')}`", "", "## Data", ""]
+    report_path = run.data_report
+    composition = json.loads(report_path.read_text()).get("composition", []) if report_path.exists() else []
+    lines += ["| source | path | split | role | rows kept |", "|---|---|---|---|---|"]
+    lines += [f"| {c['source']} | `{c['path']}` | {c['split']} | {c['role']} | {c['kept']} |" for c in composition]
+    settings = {"learning_rate": cfg.learning_rate, "schedule": f"{cfg.stage.lr_scheduler_type}, warmup {cfg.stage.warmup_ratio}",
+                "steps": cfg.stage.max_steps if cfg.stage.max_steps > 0 else f"{cfg.stage.num_train_epochs:g} epoch(s)",
+                "global batch": f"{batch.get('global')} = {batch.get('micro')} × {batch.get('accumulation')} × "
+                                f"{batch.get('processes')} processes",
+                "max_length": cfg.stage.max_length, "peft": cfg.peft.method, "backend": cfg.backend.name,
+                "seed": cfg.seed}
+    if cfg.stage.name == "dpo":
+        settings.update(beta=cfg.beta, loss=cfg.stage.loss_type, reference=reference.get("option", cfg.ref.name))
+    lines += ["", "## Settings", "", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in settings.items()),
+              "", "## Results", ""]
+    lines += _metrics_table("Last training step", summary.get("final_metrics") or {})
+    lines += _metrics_table("Held-out evaluation", summary.get("eval_metrics") or {}, prefix="eval_")
+    lines += [f"Run dir: `{run.path}` (config.yaml, metrics.jsonl, summary.json, plots/).", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(cfg: RunConfig, run: RunDir, summary: dict[str, Any]) -> Path:
+    path = run.model / "README.md"
+    path.write_text(redact_text(model_card(cfg, run, summary)))  # a run name or path may carry a pasted token
+    return path
