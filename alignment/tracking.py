@@ -13,7 +13,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .ranks import LAUNCH_STARTED
+from .ranks import LAUNCH_STARTED, is_main_process
 from .rundir import CHECKPOINT_COMPLETE, RunDir
 from .secrets import RedactingFilter
 
@@ -106,7 +106,12 @@ def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop records logged after the checkpoint we continue from; they will be logged again."""
+    """On resume, drop records logged after the checkpoint we continue from; they will be logged again.
+
+    Rank 0 only: a second rank rewriting the file while rank 0 truncates it can read it empty and erase it.
+    """
+    if not is_main_process():
+        return
     kept = [r for r in read_metrics(path) if r["step"] <= last_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
