@@ -98,24 +98,26 @@ def test_chained_dpo_from_a_run_without_a_finished_model_is_refused(tmp_path):
     assert not (work / "outputs").exists()
 
 
+def _unimportable(tmp_path, package: str, message: str) -> dict:
+    """Environment in which `import package` raises ImportError(message): a fake package first on PYTHONPATH."""
+    fake = tmp_path / "site" / package
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"raise ImportError({message!r})\n")
+    return {"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def test_qlora_where_bitsandbytes_cannot_load_exits_2(tmp_path):
     """A bitsandbytes that fails to import (no native library for this machine) stops before any loading."""
-    fake = tmp_path / "site" / "bitsandbytes"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('no native library for this platform')\n")
     result = run_cli("stage=dpo", "peft=qlora", cwd=tmp_path,
-                     env={"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+                     env=_unimportable(tmp_path, "bitsandbytes", "no native library for this platform"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "peft=qlora needs bitsandbytes" in result.stderr and "use peft=lora" in result.stderr
     assert not (tmp_path / "outputs").exists()
 
 
 def test_zero3_without_deepspeed_exits_2_before_any_rank_starts(tmp_path):
-    fake = tmp_path / "site" / "deepspeed"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('No module named deepspeed')\n")
     result = run_cli("stage=dpo", "backend=zero3", cwd=tmp_path,
-                     env={"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+                     env=_unimportable(tmp_path, "deepspeed", "No module named deepspeed"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "backend=zero3 needs DeepSpeed" in result.stderr and "use backend=fsdp" in result.stderr
     assert "launching" not in result.stdout
