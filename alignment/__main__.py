@@ -27,6 +27,7 @@ def _fail(err: ConfigError) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def _hydra_entry(composed) -> None:
     hydra_config = HydraConfig.get()
+    from .evaluation import JudgeError
     from .launch import LaunchFailed
     from .runner import run, run_member  # imported here so that bad input is refused before torch/transformers load
 
@@ -41,6 +42,10 @@ def _hydra_entry(composed) -> None:
     except LaunchFailed as err:
         print(f"alignment: error: {err}", file=sys.stderr)
         sys.exit(err.returncode)
+    except JudgeError as err:  # the model and generations are saved; only the verdicts are missing
+        print(f"alignment: error: {err}\nThe generations are kept in the run dir's eval/generations.jsonl.",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

@@ -262,6 +262,57 @@ class DiagnosticsConfig(_Frozen):
 
 
 @dataclass
+class GenerationConfig(_Frozen):
+    """Sampled answers to a fixed prompt set, from the evaluated model and its baseline (alignment/evaluation)."""
+
+    # A .jsonl file (one row per prompt: `prompt` as text or a message list, or `messages`) or a .txt file (one
+    # prompt per line); null: the distinct prompts of the dataset's eval split, in order.
+    prompts: Optional[str] = None
+    num_prompts: int = 32            # the first this many prompts
+    samples_per_prompt: int = 1      # answers per prompt and model (sampling); the judge compares each pair
+    max_new_tokens: int = 128
+    do_sample: bool = True           # false: greedy, and temperature/top_p are ignored
+    temperature: float = 0.7
+    top_p: float = 1.0
+    batch_size: int = 16             # prompts generated together (left-padded)
+
+
+@dataclass
+class JudgeConfig(_Frozen):
+    """Who decides which of two answers to a prompt is better (alignment/evaluation/judges.py). conf/judge/."""
+
+    name: str = "none"               # none | rule | reward_model | http
+    # rule: a built-in rule (arithmetic) or `package.module:function` taking (prompt messages, response text)
+    # and returning a score; the higher-scoring answer wins, equal scores tie.
+    rule: str = "arithmetic"
+    path: Optional[str] = None       # reward_model: a sequence-classification model dir or hub id
+    url: Optional[str] = None        # http: base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1
+    model: Optional[str] = None      # http: the judge model's name at that endpoint
+    api_key_env: Optional[str] = "OPENAI_API_KEY"  # http: the variable holding the key (read at call time, never saved)
+    timeout_s: float = 60.0          # http: per request
+    max_tokens: int = 1024           # http: the judge's answer budget (it explains, then gives the verdict)
+    both_orders: bool = True         # http: ask with the answers in both positions; disagreeing verdicts tie
+
+
+@dataclass
+class EvalConfig(_Frozen):
+    """Evaluation: `stage=eval`, or after training with eval.after_training=true (alignment/evaluation)."""
+
+    after_training: bool = False
+    # Held-out preference accuracy from the implicit reward (chosen vs rejected on the eval split), of the
+    # starting model and of the trained one, each against the reference.
+    preference: bool = True
+    max_pairs: Optional[int] = None  # cap on eval-split pairs scored; null: all
+    batch_size: int = 16             # sequences per forward pass when scoring
+    # The model the evaluated one is measured against (implicit reward) and judged against (generations):
+    # null: its own reference (a DPO run's reference; an SFT run's starting model). Or a run dir, a model dir,
+    # an adapter dir or a hub id.
+    reference: Optional[str] = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
 class RunConfig(_Frozen):
     model: ModelConfig = field(default_factory=ModelConfig)
     stage: StageConfig = field(default_factory=StageConfig)
@@ -272,6 +323,7 @@ class RunConfig(_Frozen):
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     experiment: Optional[str] = None
     beta: float = 0.1
     learning_rate: float = MISSING
@@ -292,8 +344,10 @@ class RunConfig(_Frozen):
     objective: str = "rewards/accuracies"
 
 
-STAGES = ("sft", "dpo")
-DATASET_FORMAT_FOR_STAGE = {"sft": "chat", "dpo": "preference"}
+STAGES = ("sft", "dpo", "eval")
+TRAINING_STAGES = ("sft", "dpo")
+# stage=eval reads preference pairs (chosen vs rejected) for its accuracy; its prompts come from them too.
+DATASET_FORMAT_FOR_STAGE = {"sft": "chat", "dpo": "preference", "eval": "preference"}
 
 
 def register_schema() -> None:

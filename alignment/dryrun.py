@@ -13,7 +13,7 @@ from .start import keeps_parent_adapter, parent_is_adapter
 from .rundir import masked_config
 from .validation import is_offline
 
-TRAINERS = {"sft": "trl.SFTTrainer", "dpo": "trl.DPOTrainer"}
+TRAINERS = {"sft": "trl.SFTTrainer", "dpo": "trl.DPOTrainer", "eval": "alignment.evaluation (no training)"}
 
 
 def _dataset_lines(cfg: RunConfig) -> list[str]:
@@ -25,6 +25,23 @@ def _dataset_lines(cfg: RunConfig) -> list[str]:
         lines.append(f"{label:<13}{source.name} ({source.schema}) from {source.path}: {share} of "
                      f"{source.train_split}, {held}")
     return lines
+
+
+def _evaluation_lines(cfg: RunConfig) -> list[str]:
+    settings = cfg.eval
+    if cfg.stage.name != "eval" and not settings.after_training:
+        return []
+    generation = settings.generation
+    subject = (f"the model of {cfg.parent_run}" if cfg.stage.name == "eval" and cfg.parent_run else
+               "the configured model" if cfg.stage.name == "eval" else "this stage's model, after training")
+    against = settings.reference or "its own reference (the run's reference model, or its starting model)"
+    sampling = (f"sampled at temperature {generation.temperature:g}, top_p {generation.top_p:g}"
+                if generation.do_sample else "greedy")
+    return [f"evaluation   {subject} against {against}: "
+            + (f"preference accuracy on the eval split{f' (at most {settings.max_pairs} pairs)' if settings.max_pairs else ''}; "
+               if settings.preference else "")
+            + f"{generation.num_prompts} prompts' answers ({generation.max_new_tokens} new tokens, {sampling})"
+            + (f", judged by {settings.judge.name}" if settings.judge.name != "none" else "")]
 
 
 def _memory_lines(cfg: RunConfig, reference: str) -> str:
@@ -68,15 +85,17 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
             *([f"reference    {reference.option}"
                + (f" (ref=auto: {reference.reason})" if reference.requested == "auto" else "")] if reference else []),
             *_dataset_lines(cfg),
-            f"training     {steps}, lr={cfg.learning_rate:g}, {batch_plan(cfg, processes).describe()}, "
-            f"max_length={stage.max_length}"
-            + (f", max_prompt_length={prompt_budget(cfg)}" if stage.name == "dpo" else "")
-            + (f", beta={cfg.beta:g}" if stage.name == "dpo" else ""),
+            *([f"training     {steps}, lr={cfg.learning_rate:g}, {batch_plan(cfg, processes).describe()}, "
+               f"max_length={stage.max_length}"
+               + (f", max_prompt_length={prompt_budget(cfg)}" if stage.name == "dpo" else "")
+               + (f", beta={cfg.beta:g}" if stage.name == "dpo" else "")] if stage.name != "eval" else []),
+            *_evaluation_lines(cfg),
             f"backend      {cfg.backend.name} on {processes} process{'es' if processes > 1 else ''} over "
             f"{cfg.launcher.num_machines} machine(s) (device {cfg.backend.device}, mixed precision "
             f"{cfg.backend.mixed_precision})",
             f"run dir      {cfg.run_dir or 'a fresh directory under outputs/'}",
-            _memory_lines(cfg, reference.option if reference else "base"),
+            _memory_lines(cfg, reference.option if reference else "base") if stage.name != "eval" else
+            f"memory       one model loaded at a time ({weight_gib:.2f} GiB of weights; adapters share their base)",
             "resolved configuration:",
             yaml.safe_dump(masked_config(cfg), sort_keys=False).rstrip(),
         ]

@@ -60,8 +60,23 @@ def model_card(cfg: RunConfig, run: RunDir, summary: dict[str, Any]) -> str:
               "", "## Results", ""]
     lines += _metrics_table("Last training step", summary.get("final_metrics") or {})
     lines += _metrics_table("Held-out evaluation", summary.get("eval_metrics") or {}, prefix="eval_")
+    lines += _evaluation_lines(summary.get("evaluation") or {})
     lines += [f"Run dir: `{run.path}` (config.yaml, metrics.jsonl, summary.json, plots/).", ""]
     return "\n".join(lines)
+
+
+def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The evaluation's headline (alignment/evaluation), when the run was evaluated after training."""
+    rows = [("preference accuracy before training", evaluation.get("preference_accuracy_before")),
+            ("preference accuracy after training", evaluation.get("preference_accuracy_after")),
+            (f"win rate over the reference ({evaluation.get('judge')} judge)", evaluation.get("win_rate"))]
+    rows = [(name, value) for name, value in rows if isinstance(value, (int, float))]
+    if not rows:
+        return []
+    pairs = evaluation.get("pairs")
+    return ["### Evaluation", "", f"Implicit-reward accuracy on {pairs} held-out pairs against the reference; "
+            f"details in `{evaluation.get('report')}`.", "", "| metric | value |", "|---|---|",
+            *(f"| {name} | {value:.4f} |" for name, value in rows), ""]
 
 
 def write_model_card(cfg: RunConfig, run: RunDir, summary: dict[str, Any]) -> Path:

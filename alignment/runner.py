@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from .backends import engine_report, save_model
 from .batch import batch_plan
 from .diagnostics import Diagnostics
 from .dryrun import describe
+from .evaluation import EVAL_DIR, evaluate, format_headline, subjects_of_config, subjects_of_run
 from .model_card import write_model_card
 from .plots import plot_run
 from .launch import (LaunchFailed, is_secondary_machine, launch, launch_preview, needs_launch, resolve_launcher,
@@ -230,32 +232,75 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
         for index, link in enumerate(links):
             report_data(link, previous=links[index - 1] if index > 0 else None)
         return path
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    if cfg.stage.name == "eval":
+        report = evaluate_stage(cfg)
+        print(f"\n{format_headline(report)}\n\nrun dir: {shown}")
+        return path
     if needs_launch(cfg):
-        last = _launch(cfg, user_overrides, chained)
+        links = _launch(cfg, user_overrides, chained)
     elif launched_run_dir() is not None:
-        last = _train_as_rank(cfg, user_overrides, chained)
+        _train_as_rank(cfg, user_overrides, chained)
+        return path  # the launching parent evaluates and prints, not its ranks
     else:
-        last = _train(cfg, user_overrides, chained)
-    if launched_run_dir() is None:  # the launching parent prints the table, not its ranks
-        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-        print(f"\n{format_table(read_metrics(last.metrics))}\n\nrun dir: {shown}")
+        links = _train(cfg, user_overrides, chained)
+    reports = [evaluate_after_training(link) for link in links if link.eval.after_training]
+    evaluated = "".join(f"\n\n{format_headline(r)}" for r in reports if r)
+    print(f"\n{format_table(read_metrics(RunDir(Path(links[-1].run_dir)).metrics))}{evaluated}\n\nrun dir: {shown}")
     return path
 
 
-def _train(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
-    """Train in this process: the chain's links one after another, or the one stage. Returns the last run dir."""
+def evaluate_after_training(cfg: RunConfig) -> dict[str, Any] | None:
+    """eval.after_training: evaluate a finished stage in this (single, non-rank) process; rewrite its model card."""
+    run = RunDir(Path(cfg.run_dir))
+    summary = read_summary(run.path) or {}
+    if summary.get("status") != "finished":
+        return None
+    if (summary.get("evaluation") or {}).get("status") == "finished":  # a resumed chain skips what is done
+        return json.loads((run.path / EVAL_DIR / "report.json").read_text())
+    handler = attach_run_log(run)
+    try:
+        report = evaluate(cfg, run, subjects_of_run(run.path, cfg))
+    finally:
+        detach_run_log(handler)
+    write_model_card(cfg, run, read_summary(run.path))
+    return report
+
+
+def evaluate_stage(cfg: RunConfig) -> dict[str, Any]:
+    """stage=eval: evaluate the parent run's model (or the configured one) into a run dir of its own."""
+    validate(cfg)
+    run = RunDir(Path(cfg.run_dir))
+    write_config(run, cfg)
+    handler = attach_run_log(run)
+    update_summary(run, status="running", stage="eval", run_dir=str(run.path), started_at=_now(),
+                   parent_run=cfg.parent_run, versions=_versions())
+    try:
+        report = evaluate(cfg, run, subjects_of_config(cfg))
+    except BaseException as err:
+        update_summary(run, status="failed", error=f"{type(err).__name__}: {err}", ended_at=_now())
+        raise
+    finally:
+        detach_run_log(handler)
+    update_summary(run, status="finished", ended_at=_now())
+    return report
+
+
+def _train(cfg: RunConfig, user_overrides: list[str], chained: bool) -> list[RunConfig]:
+    """Train in this process: the chain's links one after another, or the one stage. Returns what was run."""
     path = Path(cfg.run_dir)
     if not chained:
         validate(cfg)
-        return run_stage(cfg).run
+        run_stage(cfg)
+        return [cfg]
     if launched_run_dir() is None:
         check_run_dir(path, cfg.resume)
     links = chain_configs(cfg, user_overrides, path)
     run_chain(cfg, links, path)
-    return RunDir(Path(links[-1].run_dir))
+    return links
 
 
-def _train_as_rank(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
+def _train_as_rank(cfg: RunConfig, user_overrides: list[str], chained: bool) -> list[RunConfig]:
     """One rank of a launched job: join the process group, train, leave the group cleanly (ZeRO-3 hangs otherwise)."""
     if not is_main_process():
         logging.getLogger().setLevel(logging.WARNING)  # one console log per job, from rank 0
@@ -266,7 +311,7 @@ def _train_as_rank(cfg: RunConfig, user_overrides: list[str], chained: bool) -> 
         shutdown_process_group()
 
 
-def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
+def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> list[RunConfig]:
     """Check everything the ranks will run, then start them; the run dir is fixed here, once, for all ranks."""
     path = Path(cfg.run_dir)
     secondary = is_secondary_machine(cfg)
@@ -275,10 +320,9 @@ def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
     if chained:
         links = chain_configs(cfg, user_overrides, path)
         _pending_links(cfg, links)  # validates every link that will run
-        last = RunDir(Path(links[-1].run_dir))
     else:
         validate(cfg)
-        last = RunDir(path)
+        links = [cfg]
     try:
         launch(cfg, user_overrides, uses_cuda(cfg))
     except LaunchFailed:
@@ -286,7 +330,7 @@ def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> RunDir:
             update_summary(RunDir(path), status="failed", ended_at=_now(),
                            error="a launched rank failed before the run finished; see run.log and the console")
         raise
-    return last
+    return links
 
 
 def run_member(cfg: RunConfig, user_overrides: list[str], member_dir: Path, number: int) -> float:

@@ -75,7 +75,7 @@ def resolve_start(cfg: RunConfig) -> StartingPoint:
     if cfg.parent_run:
         model = RunDir(Path(cfg.parent_run)).model
         if is_adapter_dir(model):
-            base = _adapter_base_path(model, cfg)
+            base = adapter_base_path(model, cfg)
             if keeps_parent_adapter(cfg, True):
                 return StartingPoint("parent adapter", base, adapter=model, tokenizer=model)
             merged = Path(cfg.run_dir) / MERGED_DIR if cfg.run_dir else model
@@ -89,7 +89,7 @@ def resolve_start(cfg: RunConfig) -> StartingPoint:
     return StartingPoint("model", cfg.model.name_or_path, tokenizer=cfg.model.name_or_path)
 
 
-def _adapter_base_path(adapter_dir: Path, cfg: RunConfig) -> Path | str:
+def adapter_base_path(adapter_dir: Path, cfg: RunConfig) -> Path | str:
     base = adapter_base(adapter_dir)
     if cfg.model.tiny and not (Path(base) / "config.json").exists():
         # The twin cache was cleared or moved: the same config and seed rebuild identical weights.
@@ -121,7 +121,7 @@ def merge_adapter(adapter_dir: Path, target: Path, cfg: RunConfig) -> Path:
 
     from .modeling import torch_dtype
 
-    base_path = _adapter_base_path(adapter_dir, cfg)
+    base_path = adapter_base_path(adapter_dir, cfg)
     log.info("merging the adapter in %s into its base %s → %s", adapter_dir, base_path, target)
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(cfg.model.dtype))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

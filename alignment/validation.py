@@ -11,6 +11,7 @@ from .config import DATASET_FORMAT_FOR_STAGE, STAGES, ConfigError, RunConfig
 from .data import SCHEMAS, check_sources, source_key
 from .data.loading import settings_error
 from .data.schemas import PROBLEM_KINDS
+from .evaluation.judges import check_judge
 from .launch import is_secondary_machine, resolve_launcher, visible_gpus
 from .modeling import check_model_source, check_target_modules, uses_cuda
 from .ranks import launched_run_dir
@@ -64,6 +65,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
              f"stage.max_prompt_length must be null or in [1, stage.max_length) (got {stage.max_prompt_length} with "
              f"max_length {stage.max_length}): a prompt must leave room for the response.")
     _check_dataset(cfg)
+    _check_eval(cfg)
 
     _check_model_type(cfg)
     _one_of("model.dtype", cfg.model.dtype, _DTYPES)
@@ -117,6 +119,39 @@ def _check_dataset(cfg: RunConfig) -> None:
     _require(dataset.lint_rows >= 0, f"dataset.lint_rows must be >= 0 (got {dataset.lint_rows}).")
     _require(dataset.num_proc is None or dataset.num_proc >= 1,
              f"dataset.num_proc must be null or >= 1 (got {dataset.num_proc}).")
+
+
+def _check_eval(cfg: RunConfig) -> None:
+    """Evaluation settings, the judge and the prompts file: refused before any training starts."""
+    settings = cfg.eval
+    if cfg.stage.name != "eval" and not settings.after_training:
+        return
+    generation = settings.generation
+    _require(settings.batch_size >= 1, f"eval.batch_size must be >= 1 (got {settings.batch_size}).")
+    _require(settings.max_pairs is None or settings.max_pairs >= 1,
+             f"eval.max_pairs must be null or >= 1 (got {settings.max_pairs}).")
+    _require(generation.num_prompts >= 0, f"eval.generation.num_prompts must be >= 0 (got {generation.num_prompts}).")
+    _require(generation.samples_per_prompt >= 1,
+             f"eval.generation.samples_per_prompt must be >= 1 (got {generation.samples_per_prompt}).")
+    _require(generation.max_new_tokens >= 1,
+             f"eval.generation.max_new_tokens must be >= 1 (got {generation.max_new_tokens}).")
+    _require(generation.batch_size >= 1, f"eval.generation.batch_size must be >= 1 (got {generation.batch_size}).")
+    _require(not generation.do_sample or generation.temperature > 0,
+             f"eval.generation.temperature must be > 0 when sampling (got {generation.temperature}); use "
+             f"eval.generation.do_sample=false for greedy answers.")
+    _require(0 < generation.top_p <= 1, f"eval.generation.top_p must be in (0, 1] (got {generation.top_p}).")
+    _require(generation.prompts is None or Path(generation.prompts).is_file(),
+             f"eval.generation.prompts={generation.prompts} is not a file. Give a .jsonl or .txt file of prompts, "
+             f"or null to use the eval split's prompts.")
+    check_judge(settings.judge)
+    if settings.reference and not cfg.dry_run:
+        reference = Path(settings.reference)
+        _require(reference.exists() or not settings.reference.startswith(("/", ".", "~")),
+                 f"eval.reference={settings.reference} does not exist. Give a run dir, a model or adapter dir, or a "
+                 f"hub id, or null for the evaluated run's own reference.")
+    if cfg.stage.name == "eval":
+        _require(cfg.backend.name == "single",
+                 f"stage=eval runs in one process, but backend={cfg.backend.name}. Use backend=single (the default).")
 
 
 def _check_qlora(cfg: RunConfig) -> None:
