@@ -55,6 +55,21 @@ CASES = {
                                          "backend.fsdp.wrap_class=LlamaDecoderLayer is not a module class of "
                                          "tiny_qwen2 (qwen2). Its layer classes: Qwen2DecoderLayer"),
     "backend name without its settings": (["backend.name=zero3"], "choose the config group instead, `backend=zero3`"),
+    "http judge without url": (["stage=eval", "judge=http", "eval.judge.model=m"],
+                               "judge=http needs eval.judge.url, the base URL of an OpenAI-compatible API (e.g. "
+                               "http://localhost:8000/v1)."),
+    "http judge url not http": (["stage=eval", "judge=http", "eval.judge.url=localhost:8000", "eval.judge.model=m"],
+                                "judge=http needs eval.judge.url, the base URL of an OpenAI-compatible API"),
+    "unknown judge rule": (["stage=eval", "judge=rule", "eval.judge.rule=length"],
+                           "eval.judge.rule=length is neither a built-in rule (arithmetic) nor `package.module:function`"),
+    "unloadable judge rule": (["stage=eval", "judge=rule", "eval.judge.rule=nowhere.rules:score"],
+                              "eval.judge.rule=nowhere.rules:score cannot be loaded"),
+    "prompts file missing": (["stage=eval", "eval.generation.prompts=prompts.jsonl"],
+                             "eval.generation.prompts=prompts.jsonl is not a file"),
+    "eval on several processes": (["stage=eval", "backend=ddp"], "stage=eval runs in one process"),
+    "eval parent missing": (["stage=eval", "parent_run=outputs/nowhere"], "parent_run=outputs/nowhere does not exist"),
+    "judge checked before training": (["stage=dpo", "eval.after_training=true", "judge=rule",
+                                       "eval.judge.rule=length"], "eval.judge.rule=length is neither"),
     "processes not a multiple of machines": (["backend=ddp", "launcher.num_processes=3", "launcher.num_machines=2"],
                                              "does not spread evenly over launcher.num_machines=2"),
 }

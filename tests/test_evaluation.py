@@ -43,13 +43,16 @@ def test_rule_judge_prefers_the_dpo_model_over_its_sft_parent(demo_run):
     judge = report["judge"]
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     verdicts = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
-    assert len(generations) == len(verdicts) == judge["judged"] == 32
+    # 32 held-out questions, 4 sampled answers each from both models.
+    assert len(generations) == len(verdicts) == judge["judged"] == 128
+    assert {g["prompt_index"] for g in generations} == set(range(32)) and {g["sample"] for g in generations} == {0, 1, 2, 3}
     # The verdicts are the rule applied to the written answers, and the win rate counts a tie as half.
     for row, verdict in zip(generations, verdicts):
         policy, baseline = arithmetic(row["prompt"], row["policy"]), arithmetic(row["prompt"], row["baseline"])
         assert verdict["winner"] == ("policy" if policy > baseline else "baseline" if baseline > policy else "tie")
-    assert judge["win_rate"] == (judge["wins"] + 0.5 * judge["ties"]) / 32
-    assert judge["win_rate"] > 0.5
+    assert judge["win_rate"] == (judge["wins"] + 0.5 * judge["ties"]) / 128
+    # DPO removes part of the SFT data's misreading: clearly more wins than losses (30 vs 10 when measured).
+    assert judge["win_rate"] > 0.5 and judge["wins"] >= 2 * judge["losses"]
     summary = json.loads((demo_run["dir"] / "2-dpo" / "summary.json").read_text())
     assert summary["evaluation"]["win_rate"] == judge["win_rate"]
     card = (demo_run["dir"] / "2-dpo" / "model" / "README.md").read_text()
@@ -278,3 +281,37 @@ def test_failing_http_judge_keeps_the_generations_and_exits_1(demo_run, stub, tm
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert "sk-never-saved-456" not in path.read_text(errors="ignore"), path
+
+
+# ----------------------------------------------------------------------------- adapters
+
+EVAL_SHORT = ["eval.after_training=true", "judge=rule", "eval.generation.num_prompts=4",
+              "eval.generation.max_new_tokens=8"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parent", [None, "lora_sft_run"], ids=["fresh adapter, ref=base", "kept adapter, ref=adapter_copy"])
+def test_adapter_runs_are_evaluated_against_their_reference(tmp_path, request, parent):
+    """A LoRA DPO run: the candidate is its adapter; the reference is the bare base (fresh adapter) or the
+    parent's SFT adapter on the same base (kept adapter), loaded once and switched."""
+    from alignment.compose import compose_run_config
+    from alignment.runner import evaluate_after_training
+
+    from .conftest import SHORT_DPO, train
+
+    extra = [f"parent_run={request.getfixturevalue(parent)}"] if parent else []
+    outcome = train(tmp_path, "dpo", *SHORT_DPO, "peft=lora", *extra, *EVAL_SHORT)
+    cfg = compose_run_config([*SHORT_DPO, "peft=lora", *extra, *EVAL_SHORT, f"run_dir={outcome.run.path}"])
+    report = evaluate_after_training(cfg)
+    assert report["candidate"]["adapter"] == str(outcome.run.model)
+    option = outcome.summary["reference"]["option"]
+    if parent:
+        assert option == "adapter_copy" and report["reference"]["adapter"] == str(Path(request.getfixturevalue(parent))
+                                                                                   / "model")
+    else:
+        assert option == "base" and report["reference"]["adapter"] is None
+    assert report["reference"]["weights"] == report["candidate"]["weights"]  # one base
+    preference = report["preference"]
+    assert preference["before"]["accuracy"] == 0.5 and preference["before"]["ties"] == preference["pairs"]
+    assert preference["after"]["ties"] < preference["pairs"]  # the trained adapter is not its reference
+    assert json.loads((outcome.run.summary).read_text())["evaluation"]["status"] == "finished"
