@@ -152,6 +152,21 @@ def _check_eval(cfg: RunConfig) -> None:
     if cfg.stage.name == "eval":
         _require(cfg.backend.name == "single",
                  f"stage=eval runs in one process, but backend={cfg.backend.name}. Use backend=single (the default).")
+        _check_evaluated_model(cfg)
+
+
+def _check_evaluated_model(cfg: RunConfig) -> None:
+    """stage=eval loads the parent's model with this run's model settings (chat template, pad token, dtype)."""
+    parent_config = Path(cfg.parent_run or "") / "config.yaml"
+    if not cfg.parent_run or not parent_config.exists():
+        return  # no parent, or a missing one (refused by _check_parent)
+    import yaml
+
+    trained = (yaml.safe_load(parent_config.read_text()) or {}).get("model", {}).get("name")
+    _require(trained in (None, cfg.model.name),
+             f"parent_run={cfg.parent_run} was trained with model={trained}, but this evaluation composes "
+             f"model={cfg.model.name}, whose tokenizer settings (chat template, pad token) would be applied to it. "
+             f"Add model={trained}.")
 
 
 def _check_qlora(cfg: RunConfig) -> None:

@@ -84,6 +84,13 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
     assert not (tmp_path / "outputs").exists(), "nothing may be written for bad input"
 
 
+def test_eval_of_a_run_with_other_model_settings_is_refused(demo_run, tmp_path):
+    result = run_cli("stage=eval", f"parent_run={demo_run['dir'] / '2-dpo'}", "model=tiny_mistral", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "was trained with model=tiny_qwen2" in result.stderr and "Add model=tiny_qwen2" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_finished_run_dir_is_never_overwritten(demo_run, tmp_path):
     chain_dir = demo_run["dir"]
     before = {p: p.stat().st_mtime_ns for p in chain_dir.rglob("*") if p.is_file()}

@@ -19,12 +19,12 @@ from .conftest import run_cli
 def _combinations():
     # ref options depend on peft and the parent run; backends and trackers are orthogonal to the rest, and
     # presets set the other groups themselves (tests/test_presets.py): each has its own test.
-    groups = [g for g in config_groups() if g not in ("ref", "backend", "tracker", "experiment")]
+    groups = [g for g in config_groups() if g not in ("ref", "backend", "tracker", "judge", "experiment")]
     return [dict(zip(groups, choice)) for choice in itertools.product(*(group_options(g) for g in groups))]
 
 
 def test_conf_has_the_groups_of_the_product():
-    assert {"model", "stage", "dataset", "backend", "peft", "ref", "tracker", "experiment"} <= set(config_groups())
+    assert {"model", "stage", "dataset", "backend", "peft", "ref", "tracker", "judge", "experiment"} <= set(config_groups())
     assert {"tiny_qwen2", "tiny_mistral", "mistral7b", "qwen72b"} <= set(group_options("model"))
 
 
@@ -56,6 +56,22 @@ def test_every_backend_composes_and_validates_for_every_model(backend, model):
 def test_every_tracker_composes_and_validates(tracker):
     cfg = compose_run_config([f"tracker={tracker}", "stage=dpo", "dry_run=true"])
     assert cfg.tracker.name == tracker
+    validate(cfg)
+
+
+JUDGE_NEEDS = {"http": "judge=http needs eval.judge.url", "reward_model": "judge=reward_model needs eval.judge.path"}
+
+
+@pytest.mark.parametrize("judge", group_options("judge"))
+def test_every_judge_composes_and_validates_or_says_what_it_needs(judge):
+    cfg = compose_run_config(["stage=eval", f"judge={judge}", "dry_run=true"])
+    assert cfg.eval.judge.name == judge
+    if judge in JUDGE_NEEDS:
+        with pytest.raises(ConfigError, match=JUDGE_NEEDS[judge]):
+            validate(cfg)
+        extra = ["eval.judge.url=http://localhost:8000/v1", "eval.judge.model=m"] if judge == "http" else \
+            ["eval.judge.path=some/reward-model"]
+        cfg = compose_run_config(["stage=eval", f"judge={judge}", "dry_run=true", *extra])
     validate(cfg)
 
 
