@@ -310,6 +310,10 @@ class EvalConfig(_Frozen):
     reference: Optional[str] = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # Optional lm-evaluation-harness tasks run on the evaluated model (`pip install lm-eval`; the tasks' data
+    # must be reachable), e.g. [arc_easy, hellaswag]; empty: none.
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: Optional[int] = None   # examples per task (a quick look); null: all
 
 
 @dataclass

@@ -11,6 +11,7 @@ from .config import DATASET_FORMAT_FOR_STAGE, STAGES, ConfigError, RunConfig
 from .data import SCHEMAS, check_sources, source_key
 from .data.loading import settings_error
 from .data.schemas import PROBLEM_KINDS
+from .evaluation.harness import check_harness
 from .evaluation.judges import check_judge
 from .launch import is_secondary_machine, resolve_launcher, visible_gpus
 from .modeling import check_model_source, check_target_modules, uses_cuda
@@ -108,8 +109,10 @@ def _check_dataset(cfg: RunConfig) -> None:
         error = settings_error(source, key)
         _require(error is None, error or "")
         fmt = SCHEMAS[source.schema].format
-        _require(fmt == wanted,
-                 f"stage={cfg.stage.name} trains on {wanted} data, but {key} ({source.name}) has schema "
+        # stage=eval without the preference accuracy only draws prompts: chat data serves as well.
+        _require(fmt == wanted or (cfg.stage.name == "eval" and not cfg.eval.preference),
+                 f"stage={cfg.stage.name} {'evaluates' if cfg.stage.name == 'eval' else 'trains'} on {wanted} data, "
+                 f"but {key} ({source.name}) has schema "
                  f"{source.schema}, which holds {fmt} data. Pick a matching dataset, e.g. "
                  f"{'dataset=ultrachat_200k' if wanted == 'chat' else 'dataset=ultrafeedback_binarized'} "
                  f"(or dataset=tiny_{cfg.stage.name} offline).")
@@ -144,6 +147,8 @@ def _check_eval(cfg: RunConfig) -> None:
              f"eval.generation.prompts={generation.prompts} is not a file. Give a .jsonl or .txt file of prompts, "
              f"or null to use the eval split's prompts.")
     check_judge(settings.judge)
+    if not cfg.dry_run:
+        check_harness(settings)
     if settings.reference and not cfg.dry_run:
         reference = Path(settings.reference)
         _require(reference.exists() or not settings.reference.startswith(("/", ".", "~")),

@@ -146,6 +146,14 @@ def test_zero3_without_deepspeed_exits_2_before_any_rank_starts(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_lm_eval_tasks_without_the_harness_exit_2(tmp_path):
+    result = run_cli("stage=eval", "eval.lm_eval_tasks=[arc_easy]", cwd=tmp_path,
+                     env=_unimportable(tmp_path, "lm_eval", "No module named lm_eval"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "needs the lm-evaluation-harness" in result.stderr and "pip install lm-eval" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_more_processes_than_visible_gpus_exits_2(tmp_path):
     """On a machine with one GPU (simulated: torch reports one CUDA device), 4 processes are refused up front."""
     site = tmp_path / "site"

@@ -315,3 +315,60 @@ def test_adapter_runs_are_evaluated_against_their_reference(tmp_path, request, p
     assert preference["before"]["accuracy"] == 0.5 and preference["before"]["ties"] == preference["pairs"]
     assert preference["after"]["ties"] < preference["pairs"]  # the trained adapter is not its reference
     assert json.loads((outcome.run.summary).read_text())["evaluation"]["status"] == "finished"
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness hook
+
+FAKE_HARNESS = """
+import json, os
+
+def simple_evaluate(**kwargs):  # stands in for lm_eval.simple_evaluate: records the call, returns its shape
+    with open(os.environ["FAKE_HARNESS_CALLS"], "a") as f:
+        f.write(json.dumps(kwargs) + "\\n")
+    return {"results": {task: {"acc,none": 0.25, "alias": task} for task in kwargs["tasks"]}}
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_tasks_run_on_the_evaluated_model(demo_run, tmp_path):
+    """The harness is called with the trained model's weights and settings; its results reach report and summary."""
+    import os
+
+    site = tmp_path / "site" / "lm_eval"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text(FAKE_HARNESS)
+    calls = tmp_path / "calls.jsonl"
+    dpo = demo_run["dir"] / "2-dpo"
+    result = run_cli("stage=eval", f"parent_run={dpo}", "eval.preference=false", "eval.generation.num_prompts=2",
+                     "eval.generation.max_new_tokens=4", "eval.lm_eval_tasks=[arc_easy,hellaswag]",
+                     "eval.lm_eval_limit=5", f"run_dir={tmp_path / 'ev'}", cwd=tmp_path,
+                     env={"PYTHONPATH": f"{site.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                          "FAKE_HARNESS_CALLS": str(calls)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (call,) = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert call["model"] == "hf" and call["tasks"] == ["arc_easy", "hellaswag"] and call["limit"] == 5
+    assert call["model_args"] == f"pretrained={dpo / 'model'},dtype=float32" and call["device"] == "cpu"
+    report = json.loads((tmp_path / "ev" / "eval" / "report.json").read_text())
+    assert report["lm_eval"]["results"]["arc_easy"]["acc,none"] == 0.25
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["evaluation"]["lm_eval"]["hellaswag"]
+    assert "lm-eval arc_easy: acc,none 0.2500" in result.stdout
+
+
+@pytest.mark.slow
+def test_eval_of_an_sft_run_on_chat_data_answers_its_prompts(demo_run, tmp_path):
+    """Without preference pairs (chat data, eval.preference=false) the prompts come from the chat eval split."""
+    sft = demo_run["dir"] / "1-sft"
+    result = run_cli("stage=eval", f"parent_run={sft}", "dataset=tiny_sft", "eval.preference=false", "judge=rule",
+                     "eval.generation.num_prompts=3", "eval.generation.max_new_tokens=8", f"run_dir={tmp_path / 'ev'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "ev" / "eval" / "report.json").read_text())
+    assert report["preference"] == {"skipped": "eval.preference=false"}
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "eval" / "generations.jsonl").read_text().splitlines()]
+    test_sft = [json.loads(line) for line in (__import__("alignment.config", fromlist=["FIXTURES_DIR"]).FIXTURES_DIR
+                                             / "tiny_ultrachat" / "test_sft.jsonl").read_text().splitlines()]
+    # Each prompt is a test_sft dialogue up to its last assistant turn; the SFT run's reference is its base.
+    assert [r["prompt"][-1]["role"] for r in rows] == ["user"] * 3
+    for row in rows:
+        assert any(row["prompt"] == t["messages"][:len(row["prompt"])] for t in test_sft), row["prompt"]
+    assert report["reference"]["weights"] != str(sft / "model") and report["judge"]["judged"] == 3

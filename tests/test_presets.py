@@ -15,7 +15,7 @@ PRESETS = ["zephyr_dsft", "zephyr_ddpo_paper", "zephyr_ddpo_handbook", "qwen72b_
 # Shrinking: a tiny twin of the same family, the tiny fixture in the same schema, one CPU process, a few steps.
 SHRINK = ["stage.max_steps=2", "stage.max_length=256", "stage.global_batch_size=8", "stage.per_device_train_batch_size=4",
           "stage.per_device_eval_batch_size=4", "backend=single", "launcher.num_processes=1", "stage.eval_steps=null",
-          "stage.save_steps=100"]
+          "stage.save_steps=100", "eval.generation.num_prompts=4", "eval.generation.max_new_tokens=8"]
 
 
 def test_every_preset_is_in_the_experiment_group():
@@ -76,6 +76,9 @@ def test_every_preset_trains_shrunk_on_a_tiny_twin(tmp_path):
     for preset, run_dir in runs.items():
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "finished", preset
+    for preset in ("zephyr_ddpo_paper", "zephyr_ddpo_handbook"):  # the paper's recipe evaluates after training
+        evaluation = json.loads((runs[preset] / "summary.json").read_text())["evaluation"]
+        assert evaluation["status"] == "finished" and evaluation["preference_accuracy_before"] == 0.5
     config = (runs["zephyr_ddpo_handbook"] / "config.yaml").read_text()
     assert "beta: 0.01" in config and "experiment: zephyr_ddpo_handbook" in config
 

@@ -181,7 +181,6 @@ def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
     tokenizer = load_tokenizer(subjects.tokenizer, cfg.model)
     pairs, skipped = _eval_pairs(cfg, tokenizer) if settings.preference else ([], "eval.preference=false")
     prompts = prompt_set(settings.generation, _prompt_rows(cfg, tokenizer, pairs))
-    judge = make_judge(settings.judge)
     report: dict[str, Any] = {
         "candidate": asdict(subjects.candidate), "reference": asdict(subjects.reference),
         "start": asdict(subjects.start) if subjects.start else None, "beta": subjects.beta,
@@ -204,6 +203,7 @@ def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
             began = time.perf_counter()
             answers[source] = generate(model, tokenizer, prompts, settings.generation, cfg.seed)
             timing["generation_seconds"] += time.perf_counter() - began
+    model = None  # the loop variable would keep the last model alive through judging
 
     if pairs:
         reference = logps[subjects.reference]
@@ -224,10 +224,19 @@ def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
                                                                        "top_p", "samples_per_prompt", "batch_size")},
             "generations_per_second": round(len(prompts) * len(needs_answers) / max(timing["generation_seconds"], 1e-9), 2)}
     report["timing"] = {k: round(v, 3) for k, v in timing.items()}
-    if judge is not None and prompts:
+    if settings.lm_eval_tasks:
+        from .harness import run_tasks
+
+        report["lm_eval"] = run_tasks(subjects.candidate.weights, subjects.candidate.adapter, cfg)
+        _write_report(out, report)
+    if settings.judge.name != "none" and not prompts:
+        report["judge"] = {"name": settings.judge.name, "status": "skipped", "reason": "no prompts to answer"}
+    elif settings.judge.name != "none":
         report["judge"] = {"name": settings.judge.name, "baseline": "reference", "status": "running"}
         _write_report(out, report)
         try:
+            # Made after the models are freed: a reward-model judge is one more model in memory.
+            judge = make_judge(settings.judge)
             report["judge"].update(_judge_all(judge, prompts, answers[subjects.candidate],
                                               answers[subjects.reference], out / "judgments.jsonl"))
         except JudgeError as err:
@@ -281,6 +290,7 @@ def headline(report: dict) -> dict[str, Any]:
         "pairs": preference.get("pairs"),
         "judge": judge.get("name"),
         "win_rate": judge.get("win_rate"),
+        **({"lm_eval": report["lm_eval"]["results"]} if "lm_eval" in report else {}),
         **({"error": judge["error"]} if "error" in judge else {}),
     }
 
@@ -300,4 +310,7 @@ def format_headline(report: dict) -> str:
     if judge and judge.get("status") == "finished":
         lines.append(f"judge {judge['name']}: win rate {judge['win_rate']:.3f} over the reference "
                      f"({judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties)")
+    for task, metrics in ((report.get("lm_eval") or {}).get("results") or {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        lines.append(f"lm-eval {task}: {shown}")
     return "\n".join(lines)
