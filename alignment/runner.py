@@ -239,6 +239,8 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
         return path
     if needs_launch(cfg):
         links = _launch(cfg, user_overrides, chained)
+        if is_secondary_machine(cfg):
+            return path  # machine 0 evaluates and reports for the whole job (the run dir is shared)
     elif launched_run_dir() is not None:
         _train_as_rank(cfg, user_overrides, chained)
         return path  # the launching parent evaluates and prints, not its ranks

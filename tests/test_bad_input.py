@@ -128,29 +128,25 @@ def _unimportable(tmp_path, package: str, message: str) -> dict:
     return {"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def test_qlora_where_bitsandbytes_cannot_load_exits_2(tmp_path):
-    """A bitsandbytes that fails to import (no native library for this machine) stops before any loading."""
-    result = run_cli("stage=dpo", "peft=qlora", cwd=tmp_path,
-                     env=_unimportable(tmp_path, "bitsandbytes", "no native library for this platform"))
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "peft=qlora needs bitsandbytes" in result.stderr and "use peft=lora" in result.stderr
-    assert not (tmp_path / "outputs").exists()
+# An optional package that cannot be imported (absent, or no native library for this machine) stops the run
+# before anything loads, and before any rank starts.
+UNIMPORTABLE = {
+    "qlora without bitsandbytes": (["stage=dpo", "peft=qlora"], "bitsandbytes", "no native library for this platform",
+                                   ("peft=qlora needs bitsandbytes", "use peft=lora")),
+    "zero3 without deepspeed": (["stage=dpo", "backend=zero3"], "deepspeed", "No module named deepspeed",
+                                ("backend=zero3 needs DeepSpeed", "use backend=fsdp")),
+    "lm-eval tasks without the harness": (["stage=eval", "eval.lm_eval_tasks=[arc_easy]"], "lm_eval",
+                                          "No module named lm_eval",
+                                          ("needs the lm-evaluation-harness", "pip install lm-eval")),
+}
 
 
-def test_zero3_without_deepspeed_exits_2_before_any_rank_starts(tmp_path):
-    result = run_cli("stage=dpo", "backend=zero3", cwd=tmp_path,
-                     env=_unimportable(tmp_path, "deepspeed", "No module named deepspeed"))
+@pytest.mark.parametrize("args, package, error, expected", UNIMPORTABLE.values(), ids=UNIMPORTABLE.keys())
+def test_unimportable_optional_package_exits_2(tmp_path, args, package, error, expected):
+    result = run_cli(*args, cwd=tmp_path, env=_unimportable(tmp_path, package, error))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "backend=zero3 needs DeepSpeed" in result.stderr and "use backend=fsdp" in result.stderr
+    assert all(text in result.stderr for text in expected), result.stderr[-2000:]
     assert "launching" not in result.stdout
-    assert not (tmp_path / "outputs").exists()
-
-
-def test_lm_eval_tasks_without_the_harness_exit_2(tmp_path):
-    result = run_cli("stage=eval", "eval.lm_eval_tasks=[arc_easy]", cwd=tmp_path,
-                     env=_unimportable(tmp_path, "lm_eval", "No module named lm_eval"))
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "needs the lm-evaluation-harness" in result.stderr and "pip install lm-eval" in result.stderr
     assert not (tmp_path / "outputs").exists()
 
 
