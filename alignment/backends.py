@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig
 from .modeling import meta_model, model_class
+from .optional import require_importable
 
 ACCELERATE_TYPES = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero3": "DEEPSPEED"}
 
@@ -42,13 +43,9 @@ def wrap_class_default(cfg: RunConfig) -> str:
 def check_engine_installed(cfg: RunConfig) -> None:
     if cfg.backend.name != "zero3":
         return
-    try:
-        import deepspeed  # noqa: F401 - the ZeRO-3 engine
-    except Exception as err:  # ImportError, or a build of DeepSpeed broken for this machine
-        raise ConfigError(
-            f"backend=zero3 needs DeepSpeed, and it cannot be imported ({type(err).__name__}: {err}). "
-            f"Install it (`pip install deepspeed`), or use backend=fsdp, which shards the same way with "
-            f"PyTorch alone.") from None
+    require_importable("deepspeed", "backend=zero3 needs DeepSpeed",
+                       "Install it (`pip install deepspeed`), or use backend=fsdp, which shards the same way with "
+                       "PyTorch alone.")
 
 
 def accelerate_config(cfg: RunConfig, deepspeed_json: Path) -> dict[str, Any]:

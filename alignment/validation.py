@@ -15,6 +15,7 @@ from .evaluation.harness import check_harness
 from .evaluation.judges import check_judge
 from .launch import is_secondary_machine, resolve_launcher, visible_gpus
 from .modeling import check_model_source, check_target_modules, uses_cuda
+from .optional import require_importable
 from .ranks import launched_run_dir
 from .reference import choose_reference
 from .rundir import RunDir, check_run_dir, is_finished
@@ -181,13 +182,8 @@ def _check_qlora(cfg: RunConfig) -> None:
     _one_of("peft.quant_storage", peft.quant_storage, ("bfloat16", "float16", "float32", "uint8"))
     if cfg.dry_run:
         return
-    try:
-        import bitsandbytes  # noqa: F401 - 4-bit layers come from here
-    except Exception as err:  # ImportError, or a broken native library
-        raise ConfigError(
-            f"peft=qlora needs bitsandbytes with 4-bit support on this machine, and it cannot be imported "
-            f"({type(err).__name__}: {err}). Install it (`pip install bitsandbytes`; CUDA, or its CPU backend), or "
-            f"use peft=lora.") from None
+    require_importable("bitsandbytes", "peft=qlora needs bitsandbytes with 4-bit support on this machine",
+                       "Install it (`pip install bitsandbytes`; CUDA, or its CPU backend), or use peft=lora.")
 
 
 def _check_devices(cfg: RunConfig) -> None:
@@ -214,12 +210,9 @@ def _check_tracker_installed(cfg: RunConfig) -> None:
     package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(cfg.tracker.name)
     if package is None:
         return
-    try:
-        __import__(package)
-    except Exception as err:
-        raise ConfigError(f"tracker={cfg.tracker.name} needs the {package} package, and it cannot be imported "
-                          f"({type(err).__name__}: {err}). Install it (`pip install {package}`) or use tracker=none "
-                          f"(metrics.jsonl and plots/ are always written).") from None
+    require_importable(package, f"tracker={cfg.tracker.name} needs the {package} package",
+                       f"Install it (`pip install {package}`) or use tracker=none (metrics.jsonl and plots/ are "
+                       f"always written).")
 
 
 def _check_backend(cfg: RunConfig) -> None:

@@ -135,6 +135,8 @@ UNIMPORTABLE = {
                                    ("peft=qlora needs bitsandbytes", "use peft=lora")),
     "zero3 without deepspeed": (["stage=dpo", "backend=zero3"], "deepspeed", "No module named deepspeed",
                                 ("backend=zero3 needs DeepSpeed", "use backend=fsdp")),
+    "wandb tracker without wandb": (["stage=dpo", "tracker=wandb"], "wandb", "No module named wandb",
+                                    ("tracker=wandb needs the wandb package", "or use tracker=none")),
     "lm-eval tasks without the harness": (["stage=eval", "eval.lm_eval_tasks=[arc_easy]"], "lm_eval",
                                           "No module named lm_eval",
                                           ("needs the lm-evaluation-harness", "pip install lm-eval")),

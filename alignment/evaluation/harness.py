@@ -10,17 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ConfigError, EvalConfig, RunConfig
+from ..optional import require_importable
 
 
 def check_harness(settings: EvalConfig) -> None:
     if not settings.lm_eval_tasks:
         return
-    try:
-        import lm_eval  # noqa: F401
-    except Exception as err:
-        raise ConfigError(f"eval.lm_eval_tasks={list(settings.lm_eval_tasks)} needs the lm-evaluation-harness, and "
-                          f"`lm_eval` cannot be imported ({type(err).__name__}: {err}). Install it "
-                          f"(`pip install lm-eval`) or leave eval.lm_eval_tasks empty.") from None
+    require_importable("lm_eval", f"eval.lm_eval_tasks={list(settings.lm_eval_tasks)} needs the "
+                       f"lm-evaluation-harness (`lm_eval`)",
+                       "Install it (`pip install lm-eval`) or leave eval.lm_eval_tasks empty.")
     if settings.lm_eval_limit is not None and settings.lm_eval_limit < 1:
         raise ConfigError(f"eval.lm_eval_limit must be null or >= 1 (got {settings.lm_eval_limit}).")
 
