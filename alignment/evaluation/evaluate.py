@@ -20,7 +20,6 @@ import gc
 import json
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -28,7 +27,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from ..config import ConfigError, RunConfig
-from ..rundir import RunDir, read_summary, update_summary
+from ..rundir import RunDir, read_summary, update_summary, write_json
 from ..start import adapter_base_path, is_adapter_dir, resolve_start
 from .generation import generate, prompt_set, write_generations
 from .judges import JudgeError, make_judge
@@ -43,9 +42,6 @@ EVAL_DIR = "eval"
 class ModelSource:
     weights: str                   # full weights (for an adapter: its base)
     adapter: Optional[str] = None  # a LoRA adapter on those weights
-
-    def describe(self) -> str:
-        return f"{self.adapter} on {self.weights}" if self.adapter else self.weights
 
 
 @dataclass(frozen=True)
@@ -137,37 +133,65 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _eval_pairs(cfg: RunConfig, tokenizer) -> tuple[list[dict], Optional[str]]:
-    """The prepared eval split (checked and truncated as for training) as TRL preference rows."""
-    from ..data import data_format, prepare
+def _eval_rows(cfg: RunConfig, tokenizer) -> list[dict]:
+    """The prepared eval split (checked and truncated as for training), [] when the dataset has none."""
+    from ..data import prepare
 
-    if data_format(cfg.dataset) != "preference":
-        return [], f"dataset {cfg.dataset.name} holds chat data, not preference pairs"
     data = prepare(cfg, tokenizer)
-    if data.eval is None or len(data.eval) == 0:
+    return data.eval.to_list() if data.eval is not None else []
+
+
+def _preference_pairs(cfg: RunConfig, rows: list[dict]) -> tuple[list[dict], Optional[str]]:
+    """The eval split's preference rows to score (TRL format), or none and why."""
+    if not cfg.eval.preference:
+        return [], "eval.preference=false"
+    if not _is_preference_data(cfg):
+        return [], f"dataset {cfg.dataset.name} holds chat data, not preference pairs"
+    if not rows:
         return [], (f"dataset {cfg.dataset.name} has no eval split: set dataset.eval_split, or dataset.test_size "
                     f"to hold out part of the training split")
-    rows = data.eval.to_list()
-    return rows[:cfg.eval.max_pairs] if cfg.eval.max_pairs else rows, None
+    return (rows[:cfg.eval.max_pairs] if cfg.eval.max_pairs else rows), None
 
 
-def _prompt_rows(cfg: RunConfig, tokenizer, pairs: list[dict]) -> list[dict]:
-    """Rows whose `prompt` the generation prompt set is drawn from: the pairs', or a chat eval split's."""
-    if pairs or cfg.eval.generation.prompts:
-        return pairs
-    from ..data import data_format, prepare
-
-    data = prepare(cfg, tokenizer)
-    rows = data.eval.to_list() if data.eval is not None else []
-    if data_format(cfg.dataset) == "preference":
+def _prompt_rows(cfg: RunConfig, rows: list[dict]) -> list[dict]:
+    """Rows with a `prompt` for the generation prompt set: preference rows as they are, chat rows cut before their
+    last assistant turn."""
+    if _is_preference_data(cfg):
         return rows
     prompts = []
-    for row in rows:  # chat rows: the conversation up to its last assistant turn
+    for row in rows:
         messages = list(row["messages"])
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if any(
             m["role"] == "assistant" for m in messages) else len(messages)
         prompts.append({"prompt": messages[:last]})
     return prompts
+
+
+def _is_preference_data(cfg: RunConfig) -> bool:
+    from ..data import data_format
+
+    return data_format(cfg.dataset) == "preference"
+
+
+def _score_and_generate(cfg: RunConfig, tokenizer, sources: list[ModelSource], pairs: list[dict],
+                        prompts: list, answering: set[ModelSource]):
+    """Each source's pair log-probs and, for the `answering` ones, its answers; one loaded base at a time.
+
+    In a function of its own so that no model outlives it (the judge may load one more).
+    """
+    logps: dict[ModelSource, PairLogps] = {}
+    answers: dict[ModelSource, list[str]] = {}
+    timing = {"scoring_seconds": 0.0, "generation_seconds": 0.0}
+    for source, model in _each_model(sources, cfg):
+        if pairs:
+            began = time.perf_counter()
+            logps[source] = pair_logps(model, tokenizer, pairs, cfg.stage.max_length, cfg.eval.batch_size)
+            timing["scoring_seconds"] += time.perf_counter() - began
+        if source in answering:
+            began = time.perf_counter()
+            answers[source] = generate(model, tokenizer, prompts, cfg.eval.generation, cfg.seed)
+            timing["generation_seconds"] += time.perf_counter() - began
+    return logps, answers, timing
 
 
 def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
@@ -179,8 +203,11 @@ def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tokenizer = load_tokenizer(subjects.tokenizer, cfg.model)
-    pairs, skipped = _eval_pairs(cfg, tokenizer) if settings.preference else ([], "eval.preference=false")
-    prompts = prompt_set(settings.generation, _prompt_rows(cfg, tokenizer, pairs))
+    # The eval split is prepared once, for the pairs and, without a prompts file, for the prompts.
+    scores_pairs = settings.preference and _is_preference_data(cfg)
+    rows = _eval_rows(cfg, tokenizer) if scores_pairs or not settings.generation.prompts else []
+    pairs, skipped = _preference_pairs(cfg, rows)
+    prompts = prompt_set(settings.generation, pairs or _prompt_rows(cfg, rows))
     report: dict[str, Any] = {
         "candidate": asdict(subjects.candidate), "reference": asdict(subjects.reference),
         "start": asdict(subjects.start) if subjects.start else None, "beta": subjects.beta,
@@ -190,20 +217,9 @@ def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
     roles = {"candidate": subjects.candidate, "reference": subjects.reference}
     if subjects.start is not None and pairs:
         roles["start"] = subjects.start
-    logps: dict[ModelSource, PairLogps] = {}
-    answers: dict[ModelSource, list[str]] = {}
-    timing = {"scoring_seconds": 0.0, "generation_seconds": 0.0}
     needs_answers = {subjects.candidate, subjects.reference} if prompts else set()
-    for source, model in _each_model(list(dict.fromkeys(roles.values())), cfg):
-        if pairs:
-            began = time.perf_counter()
-            logps[source] = pair_logps(model, tokenizer, pairs, cfg.stage.max_length, settings.batch_size)
-            timing["scoring_seconds"] += time.perf_counter() - began
-        if source in needs_answers:
-            began = time.perf_counter()
-            answers[source] = generate(model, tokenizer, prompts, settings.generation, cfg.seed)
-            timing["generation_seconds"] += time.perf_counter() - began
-    model = None  # the loop variable would keep the last model alive through judging
+    logps, answers, timing = _score_and_generate(cfg, tokenizer, list(dict.fromkeys(roles.values())), pairs,
+                                                 prompts, needs_answers)
 
     if pairs:
         reference = logps[subjects.reference]
@@ -266,9 +282,7 @@ def _judge_all(judge, prompts, policy: list[str], baseline: list[str], path: Pat
 
 
 def _write_report(out: Path, report: dict) -> None:
-    staging = out / ".report.json.tmp"
-    staging.write_text(json.dumps(report, indent=2))
-    staging.replace(out / "report.json")
+    write_json(out / "report.json", report)  # through a temporary file, secrets masked
 
 
 def _finish(run: RunDir, out: Path, report: dict, started: float) -> None:

@@ -201,8 +201,8 @@ def check_judge(settings: JudgeConfig) -> None:
         load_rule(settings.rule)
     if settings.name == "http":
         if not settings.url or not re.match(r"https?://", settings.url):
-            raise ConfigError(f"judge=http needs eval.judge.url, the base URL of an OpenAI-compatible API "
-                              f"(e.g. http://localhost:8000/v1)" + (f", not {settings.url!r}." if settings.url else "."))
+            raise ConfigError("judge=http needs eval.judge.url, the base URL of an OpenAI-compatible API "
+                              "(e.g. http://localhost:8000/v1)" + (f", not {settings.url!r}." if settings.url else "."))
         if not settings.model:
             raise ConfigError("judge=http needs eval.judge.model, the judge model's name at the endpoint.")
         if settings.timeout_s <= 0:
