@@ -16,11 +16,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from dpo_overhead import timed
 
 
 def _measure(function, repeats: int) -> float:
@@ -41,8 +42,7 @@ def main() -> None:
         chain = args.run
         if chain is None:
             chain = Path(scratch) / "demo"
-            subprocess.run([sys.executable, "-m", "alignment", f"run_dir={chain}"], check=True,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+            timed([sys.executable, "-m", "alignment", f"run_dir={chain}"], {**os.environ, "HF_HUB_OFFLINE": "1"})
         print(json.dumps(benchmark(chain / "2-dpo", args.repeats), indent=1))
 
 

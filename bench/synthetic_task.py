@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
+from dpo_overhead import timed
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = [(lr, beta) for lr in (3e-5, 1e-4, 3e-4) for beta in (0.1, 0.5)]
@@ -39,13 +39,12 @@ def main() -> None:
         sft = args.sft
         if sft is None:
             sft = Path(scratch) / "sft"
-            subprocess.run([sys.executable, "-m", "alignment", *sft_link, f"run_dir={sft}"], check=True, env=env,
-                           capture_output=True)
+            timed([sys.executable, "-m", "alignment", *sft_link, f"run_dir={sft}"], env)
         for lr, beta in GRID:
             run = Path(scratch) / f"dpo-{lr}-{beta}"
             overrides = [o for o in dpo_link if not o.startswith(("learning_rate=", "beta="))]
-            subprocess.run([sys.executable, "-m", "alignment", *overrides, f"learning_rate={lr}", f"beta={beta}",
-                            f"parent_run={sft}", f"run_dir={run}"], check=True, env=env, capture_output=True)
+            timed([sys.executable, "-m", "alignment", *overrides, f"learning_rate={lr}", f"beta={beta}",
+                   f"parent_run={sft}", f"run_dir={run}"], env)
             report = json.loads((run / "eval" / "report.json").read_text())
             after, judge = report["preference"]["after"], report["judge"]
             print(json.dumps({"learning_rate": lr, "beta": beta,
