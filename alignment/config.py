@@ -349,7 +349,6 @@ class RunConfig(_Frozen):
 
 
 STAGES = ("sft", "dpo", "eval")
-TRAINING_STAGES = ("sft", "dpo")
 # stage=eval reads preference pairs (chosen vs rejected) for its accuracy; its prompts come from them too.
 DATASET_FORMAT_FOR_STAGE = {"sft": "chat", "dpo": "preference", "eval": "preference"}
 
