@@ -26,7 +26,7 @@ def wrap_class(cfg: RunConfig) -> str:
 
 def check_wrap_class(cfg: RunConfig) -> None:
     """Every class named for FSDP wrapping must exist in the model, or FSDP would silently shard nothing per layer."""
-    present = {type(module).__name__ for module in meta_model(cfg.model.architecture).modules()}
+    present = {type(module).__name__ for module in meta_model(cfg.model).modules()}
     missing = [name for name in wrap_class(cfg).split(",") if name.strip() not in present]
     if missing:
         layers = sorted(name for name in present if name.endswith("Layer"))

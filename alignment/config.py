@@ -53,6 +53,12 @@ def freeze(obj: Any) -> Any:
 
 @dataclass
 class ArchitectureConfig(_Frozen):
+    """What dry runs, the planner, LoRA checks and FSDP wrapping need to know about a model without loading it.
+
+    For a checkpoint these are read from its config.json (alignment/checkpoint.py); a preset that gives them
+    is checked against it. A tiny twin is built from them. Facts some architectures lack are null.
+    """
+
     model_type: str = MISSING
     hidden_size: int = MISSING
     num_hidden_layers: int = MISSING
@@ -60,11 +66,13 @@ class ArchitectureConfig(_Frozen):
     num_key_value_heads: int = MISSING
     intermediate_size: int = MISSING
     vocab_size: int = MISSING
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
+    # Optional facts: null = not stated (read from the checkpoint, or the transformers class default for a twin).
+    max_position_embeddings: Optional[int] = None
+    tie_word_embeddings: Optional[bool] = None
+    rope_theta: Optional[float] = None
+    rms_norm_eps: Optional[float] = None
     sliding_window: Optional[int] = None
+    head_dim: Optional[int] = None  # hidden_size / num_attention_heads for most models; Qwen3 and Gemma differ
 
 
 @dataclass
@@ -78,8 +86,13 @@ class TokenizerConfig(_Frozen):
 @dataclass
 class ModelConfig(_Frozen):
     name: str = MISSING
-    name_or_path: str = MISSING
+    # A local model dir, a hub id (offline: from the local HF cache), or a .gguf file. null: the twin preset's
+    # model, built offline from `architecture`. A twin preset given a checkpoint trains that checkpoint.
+    name_or_path: Optional[str] = None
+    gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (a dir or hub repo), dequantized once
+    # true: `architecture` is the recipe of a tiny twin (used only while name_or_path is null).
     tiny: bool = False
+    license: Optional[str] = None    # the base model's license, for the model card (e.g. apache-2.0)
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dtype: str = "float32"
@@ -379,7 +392,9 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     try:
         schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, cfg)
-        _check_architecture_facts(merged)
+        from .checkpoint import resolve_model
+
+        resolve_model(merged, cfg)
         run_config = OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         key = err.full_key or "?"
@@ -390,18 +405,6 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid configuration at {err.full_key or '?'}: {err.msg}") from None
     return freeze(run_config)
-
-
-def _check_architecture_facts(merged: DictConfig) -> None:
-    """Every model carries its architecture facts, so planning and dry runs never need a download."""
-    missing = sorted(k.split(".")[-1] for k in OmegaConf.missing_keys(merged) if k.startswith("model.architecture."))
-    if missing:
-        name = OmegaConf.select(merged, "model.name", default="?", throw_on_missing=False)
-        raise ConfigError(
-            f"model {name} is missing architecture facts: {', '.join(missing)}. The memory plan, dry runs and LoRA "
-            f"checks read them from the model's YAML in conf/model/. Copy the values from the checkpoint's "
-            f"config.json (model_type, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, "
-            f"intermediate_size, vocab_size), as conf/model/mistral7b.yaml does.")
 
 
 def as_dict(run_config: RunConfig) -> dict[str, Any]:

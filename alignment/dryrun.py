@@ -7,7 +7,7 @@ import yaml
 from .batch import batch_plan
 from .config import RunConfig
 from .data.pipeline import prompt_budget
-from .plan import ASSUMPTIONS, parameter_count, plan_inputs, plan_memory
+from .plan import ASSUMPTIONS, model_parameter_count, plan_inputs, plan_memory
 from .reference import choose_reference
 from .start import keeps_parent_adapter, parent_is_adapter
 from .rundir import masked_config
@@ -52,7 +52,7 @@ def _memory_lines(cfg: RunConfig, reference: str) -> str:
     others = []
     for backend in ("ddp", "fsdp", "zero3"):
         other = plan_memory(plan_inputs(cfg, reference, backend=backend, world_size=world))
-        others.append(f"{backend} {other.total / 1e9:.1f} GB ({'fits' if other.fits else 'does not fit'})")
+        others.append(f"{backend} {other.total / 1e9:.1f} GB ({other.verdict})")
     lines.append(f"same run on {world} GPUs per device: " + ", ".join(others))
     return "\n".join(lines)
 
@@ -62,7 +62,7 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
     parts = []
     for index, cfg in enumerate(links, start=1):
         previous = links[index - 2] if index > 1 else None
-        params = parameter_count(cfg.model.architecture)
+        params = model_parameter_count(cfg.model)
         weight_gib = params * ASSUMPTIONS["dtype_bytes"][cfg.model.dtype] / 2**30
         adapter_kept = keeps_parent_adapter(cfg, parent_is_adapter(cfg, previous))
         reference = choose_reference(cfg, adapter_kept) if cfg.stage.name == "dpo" else None

@@ -4,10 +4,11 @@ implementation (with fallback), dtype, 4-bit quantization, and a kept LoRA adapt
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
-from .config import ArchitectureConfig, ConfigError, ModelConfig, PeftConfig, RunConfig, as_dict
+from .config import ConfigError, ModelConfig, PeftConfig, RunConfig, as_dict
 from .sources import in_hub_cache, looks_local
 
 log = logging.getLogger(__name__)
@@ -15,19 +16,18 @@ log = logging.getLogger(__name__)
 
 def check_model_source(model: ModelConfig, offline: bool, path: str | None = None, key: str = "model.name_or_path"
                        ) -> None:
-    """Cheap checks before anything loads: a local path exists; a hub id is usable offline."""
+    """Cheap checks before anything loads: a local checkpoint can be read; a hub id is usable offline."""
+    from .checkpoint import model_source, read_config
+
     if path is None:
-        if model.tiny:
-            return
+        if model.name_or_path is None:
+            return  # a tiny twin, built on first use
         path = model.name_or_path
-    if looks_local(path):
-        if not (Path(path).expanduser() / "config.json").exists():
-            raise ConfigError(
-                f"{key}={path} does not exist locally (no config.json there). Point it at a directory saved "
-                f"with save_pretrained (a full model, not a LoRA adapter), or use model=tiny_qwen2 offline."
-            )
+    source = model_source(path, model.gguf_file if key == "model.name_or_path" else None, key=key)
+    if source.local:
+        read_config(source, key)  # refuses a missing dir or file, an adapter dir, a non-causal-LM config
         return
-    if offline and not in_hub_cache(path):
+    if offline and not in_hub_cache(source.reference):
         raise ConfigError(
             f"{key}={path} is a hub id, the run is offline and it is not in the local Hugging Face cache. "
             f"Use model=tiny_qwen2 (or tiny_mistral) for an offline run, download it on a connected machine, or "
@@ -41,8 +41,12 @@ def load_tokenizer(source: Path | str, model: ModelConfig):
     from .templates import TEMPLATES
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    if model.tokenizer.pad_token is not None:
-        tokenizer.pad_token = model.tokenizer.pad_token
+    pad = model.tokenizer.pad_token
+    if pad is not None:
+        if pad not in tokenizer.get_vocab():  # setting it would add a new token the embeddings do not have
+            raise ConfigError(f"model.tokenizer.pad_token={pad} is not a token of the tokenizer in {source}. Name one "
+                              f"of its unused special tokens, or null to keep its own pad token.")
+        tokenizer.pad_token = pad
     if tokenizer.pad_token is None:
         raise ConfigError(
             f"the tokenizer of {source} has no pad token. Set model.tokenizer.pad_token to an unused special token "
@@ -98,20 +102,17 @@ def load_model(source: Path | str, cfg: RunConfig):
     return model
 
 
-_CHECKED_FACTS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size", "vocab_size")
-
-
 def check_architecture(source: Path | str, cfg: RunConfig) -> None:
-    """The checkpoint must be the architecture the YAML describes: plans and LoRA checks were made from it."""
+    """The checkpoint must be the architecture the config describes: plans and LoRA checks were made from it."""
     from transformers import AutoConfig
 
-    actual = AutoConfig.from_pretrained(str(source))
-    declared = cfg.model.architecture
-    wrong = [f"{k}: {getattr(declared, k)} in conf/model/{cfg.model.name}.yaml, {getattr(actual, k, None)} in "
-             f"config.json" for k in _CHECKED_FACTS if getattr(declared, k) != getattr(actual, k, None)]
+    from .checkpoint import fact_differences, facts_of
+
+    declared = {k: v for k, v in as_dict(cfg.model.architecture).items() if v is not None}
+    wrong = fact_differences(declared, facts_of(AutoConfig.from_pretrained(str(source))))
     if wrong:
-        raise ConfigError(f"{source} is not the architecture model={cfg.model.name} declares ({'; '.join(wrong)}). "
+        details = "; ".join(f"{k}: {d} in model={cfg.model.name}, {a} in config.json" for k, d, a in wrong)
+        raise ConfigError(f"{source} is not the architecture model={cfg.model.name} declares ({details}). "
                           f"Fix model.architecture or point model.name_or_path at the right checkpoint.")
 
 
@@ -172,27 +173,47 @@ def model_class(model_type: str):
     return AutoModelForCausalLM._model_mapping[config_class]
 
 
+def meta_model_of_facts(arch):
+    """The class the facts alone describe, on the meta device (for plans of models no checkpoint is at hand for)."""
+    facts = {k: v for k, v in as_dict(arch).items() if v is not None}
+    return _meta_model(json.dumps(facts, sort_keys=True))
+
+
+def transformers_config(model: ModelConfig):
+    """The model's transformers config: the checkpoint's own when it can be read here, else built from the facts."""
+    from transformers import AutoConfig
+
+    from .checkpoint import model_source, read_config
+
+    if model.name_or_path is not None:
+        config = read_config(model_source(model.name_or_path, model.gguf_file))
+        if config is not None:
+            return config
+    facts = {k: v for k, v in as_dict(model.architecture).items() if v is not None}
+    return AutoConfig.for_model(facts.pop("model_type"), **facts)
+
+
 @functools.lru_cache(maxsize=8)
-def _meta_model(facts: tuple):
+def _meta_model(config_json: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(facts)
+    fields = json.loads(config_json)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
-def meta_model(arch: ArchitectureConfig):
-    """The architecture built from the real transformers class on the meta device: no memory, no download."""
-    return _meta_model(tuple(sorted(as_dict(arch).items())))
+def meta_model(model: ModelConfig):
+    """The model built from the real transformers class on the meta device: no memory, no download."""
+    return _meta_model(transformers_config(model).to_json_string(use_diff=False))
 
 
-def linear_module_names(arch: ArchitectureConfig) -> list[str]:
+def linear_module_names(model: ModelConfig) -> list[str]:
     """Short names of the model's linear layers (q_proj, ..., lm_head): what peft.target_modules can name."""
     import torch
 
-    return sorted({name.rsplit(".", 1)[-1] for name, module in meta_model(arch).named_modules()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in meta_model(model).named_modules()
                    if isinstance(module, torch.nn.Linear)})
 
 
@@ -201,7 +222,7 @@ def check_target_modules(cfg: RunConfig) -> None:
     targets = cfg.peft.target_modules
     if cfg.peft.method == "none" or isinstance(targets, str):
         return  # "all-linear" (or a regex string, which peft matches itself)
-    present = linear_module_names(cfg.model.architecture)
+    present = linear_module_names(cfg.model)
     absent = [t for t in targets if t not in present]
     if absent:
         raise ConfigError(

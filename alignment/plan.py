@@ -57,10 +57,35 @@ ASSUMPTIONS = {
     "overhead_fraction": 0.05,
 }
 
+# Decoder layers whose saved activations the formula above was checked against (tests/test_plan.py counts what
+# autograd saves): pre-norm attention with q/k/v/o (or fused qkv) and a gated SiLU MLP. For any other layout
+# the planner counts weights, gradients, optimizer states and the reference exactly, and says that it does
+# not model the activations instead of guessing them.
+ACTIVATION_LAYOUTS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2")
+
+
+@dataclass(frozen=True)
+class ParameterGroups:
+    """Parameter counts by role, read from the real transformers class on the meta device (any architecture)."""
+
+    embed: int
+    head: int        # 0 when the output head is tied to the input embeddings
+    biases: int      # biases of the decoder layers' linear layers
+    linear: int      # the decoder layers' linear weights: what 4-bit quantization and LoRA act on
+    per_layer_linear: int
+    other: int       # norms and anything else outside the linear layers
+    # (short name, in_features, out_features) of each linear layer of one decoder layer: LoRA's shapes.
+    layer_linears: tuple[tuple[str, int, int], ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.embed + self.head + self.biases + self.linear + self.other
+
 
 @dataclass(frozen=True)
 class PlanInputs:
     arch: ArchitectureConfig
+    groups: Optional[ParameterGroups] = None  # null: counted from `arch` (the class built from the facts)
     stage: str = "dpo"                 # sft | dpo (DPO forwards chosen and rejected together: 2 rows per pair)
     dtype: str = "bfloat16"            # weights and compute
     peft: str = "none"                 # none | lora | qlora
@@ -83,14 +108,21 @@ class MemoryPlan:
     inputs: PlanInputs
     terms: dict[str, float]            # bytes per device
     notes: list[str] = field(default_factory=list)
+    unmodelled: tuple[str, ...] = ()   # terms the planner cannot estimate for this layout (counted as 0)
 
     @property
     def total(self) -> float:
         return sum(self.terms.values())
 
     @property
-    def fits(self) -> bool:
-        return self.total <= self.inputs.gpu_memory_gb * GB
+    def fits(self) -> bool | None:
+        """True, False, or None when the modelled terms fit but unmodelled ones might not."""
+        within = self.total <= self.inputs.gpu_memory_gb * GB
+        return None if within and self.unmodelled else within
+
+    @property
+    def verdict(self) -> str:
+        return {True: "fits", False: "does NOT fit", None: "unknown"}[self.fits]
 
     @property
     def largest(self) -> str:
@@ -123,63 +155,72 @@ class MemoryPlan:
                  f"{i.optimizer}, micro batch {i.micro_batch} × {i.seq_len} tokens, checkpointing "
                  f"{'on' if i.checkpointing else 'off'}):"]
         for name, value in self.terms.items():
-            lines.append(f"  {name:<22}{value / GB:9.2f} GB")
-        lines.append(f"  {'total':<22}{self.total / GB:9.2f} GB of {i.gpu_memory_gb:g} GB")
-        verdict = "fits" if self.fits else "does NOT fit"
-        lines.append(f"verdict: {verdict}; largest term: {self.largest} ({self.terms[self.largest] / GB:.2f} GB)")
-        if not self.fits:
+            lines.append(f"  {name:<22}{'not modelled' if name in self.unmodelled else f'{value / GB:9.2f} GB':>12}")
+        lines.append(f"  {'total':<22}{self.total / GB:9.2f} GB of {i.gpu_memory_gb:g} GB"
+                     + (" (without the unmodelled terms)" if self.unmodelled else ""))
+        lines.append(f"verdict: {self.verdict}; largest term: {self.largest} ({self.terms[self.largest] / GB:.2f} GB)")
+        if self.fits is False:
             lines.extend(f"  to fit: {tip}" for tip in self.advice())
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class ParameterGroups:
-    """Parameter counts of a Llama-family decoder (Qwen2 adds q/k/v biases), from its config facts."""
+def parameter_groups(meta) -> ParameterGroups:
+    """Count a model built on the meta device: embeddings, head, decoder-layer linears, biases, the rest."""
+    import torch
 
-    embed: int
-    head: int
-    norms: int
-    biases: int
-    linear: int      # the decoder layers' projection weights: what 4-bit quantization and LoRA act on
-    per_layer_linear: int
+    embed_weight = meta.get_input_embeddings().weight
+    head = meta.get_output_embeddings()
+    head_count = 0 if head is None or head.weight is embed_weight else head.weight.numel()
+    layers = _decoder_layers(meta)
+    linear = biases = 0
+    for layer in layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                linear += module.weight.numel()
+                biases += module.bias.numel() if module.bias is not None else 0
+    total = sum(p.numel() for p in meta.parameters())
+    shapes = tuple((name.rsplit(".", 1)[-1], m.in_features, m.out_features) for name, m in layers[0].named_modules()
+                   if isinstance(m, torch.nn.Linear)) if len(layers) else ()
+    return ParameterGroups(embed=embed_weight.numel(), head=head_count, biases=biases, linear=linear,
+                           per_layer_linear=linear // max(len(layers), 1),
+                           other=total - embed_weight.numel() - head_count - biases - linear, layer_linears=shapes)
 
-    @property
-    def total(self) -> int:
-        return self.embed + self.head + self.norms + self.biases + self.linear
+
+def _decoder_layers(meta):
+    """The model's decoder layers: the modules of its FSDP no-split class (its decoder layer)."""
+    names = set(getattr(meta, "_no_split_modules", None) or [])
+    return [m for m in meta.modules() if type(m).__name__ in names]
 
 
-def parameter_groups(arch: ArchitectureConfig) -> ParameterGroups:
-    h, layers, inter, vocab = arch.hidden_size, arch.num_hidden_layers, arch.intermediate_size, arch.vocab_size
-    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o; k, v; gate, up, down
-    return ParameterGroups(
-        embed=vocab * h,
-        head=0 if arch.tie_word_embeddings else vocab * h,
-        norms=(2 * layers + 1) * h,
-        biases=layers * (h + 2 * kv) if arch.model_type == "qwen2" else 0,
-        linear=layers * per_layer,
-        per_layer_linear=per_layer,
-    )
+def groups_of(arch: ArchitectureConfig) -> ParameterGroups:
+    """Parameter groups of the model the facts describe (the real class, built on the meta device)."""
+    from .modeling import meta_model_of_facts
+
+    return parameter_groups(meta_model_of_facts(arch))
 
 
 def parameter_count(arch: ArchitectureConfig) -> int:
-    """Exact parameter count (tested against the meta-device instantiation of the real classes)."""
-    return parameter_groups(arch).total
+    """Exact parameter count of the model the facts describe."""
+    return groups_of(arch).total
 
 
-def lora_parameter_count(arch: ArchitectureConfig, r: int, targets: tuple[str, ...]) -> int:
-    """r · (in + out) for every targeted projection in every layer."""
-    h, inter = arch.hidden_size, arch.intermediate_size
-    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    return arch.num_hidden_layers * sum(r * sum(shapes[t]) for t in targets if t in shapes)
+def model_parameter_count(model) -> int:
+    """Exact parameter count of a configured model: its checkpoint's own class and config when readable."""
+    from .modeling import meta_model
+
+    return parameter_groups(meta_model(model)).total
+
+
+def lora_parameter_count(groups: ParameterGroups, layers: int, r: int, targets: tuple[str, ...]) -> int:
+    """r · (in + out) for every targeted linear layer in every decoder layer."""
+    return layers * sum(r * (n_in + n_out) for name, n_in, n_out in groups.layer_linears if name in targets)
 
 
 def plan_memory(i: PlanInputs) -> MemoryPlan:
     a = ASSUMPTIONS
-    arch, groups = i.arch, parameter_groups(i.arch)
+    arch = i.arch
+    groups = i.groups or groups_of(arch)
     width = a["dtype_bytes"][i.dtype]
     shards = i.world_size if i.backend in ("fsdp", "zero3") else 1
     notes = []
@@ -192,7 +233,7 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
     if i.peft == "none":
         trainable, train_width = groups.total, width
     else:
-        trainable = lora_parameter_count(arch, i.lora_r, i.lora_targets)
+        trainable = lora_parameter_count(groups, arch.num_hidden_layers, i.lora_r, i.lora_targets)
         lora_dtype = a["lora_dtype"][i.peft]
         if i.backend == "zero3" and i.peft == "lora":
             lora_dtype = i.dtype  # TRL keeps adapters in the base dtype under ZeRO-3 (mixed dtypes break it)
@@ -220,7 +261,7 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
 
     rows = i.micro_batch * (2 if i.stage == "dpo" else 1)
     tokens = rows * i.seq_len
-    kv = arch.num_key_value_heads * (arch.hidden_size // arch.num_attention_heads)
+    kv = arch.num_key_value_heads * (arch.head_dim or arch.hidden_size // arch.num_attention_heads)
     act = a["layer_activation"]
     per_layer = (act["hidden"] * arch.hidden_size + act["kv"] * kv + act["intermediate"] * arch.intermediate_size
                  ) * width
@@ -241,8 +282,15 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
     terms = {"weights": weights, "trainable weights": adapters / shards, "gradients": gradients,
              "optimizer": optimizer, "reference": reference, "gathered for compute": gathered,
              "activations": activations, "backward working set": backward, "logits": logits}
+    unmodelled: tuple[str, ...] = ()
+    if arch.model_type not in ACTIVATION_LAYOUTS:
+        unmodelled = ("activations", "backward working set")
+        for name in unmodelled:
+            terms[name] = 0.0
+        notes.append(f"activations are not modelled for {arch.model_type} decoder layers (modelled: "
+                     f"{', '.join(ACTIVATION_LAYOUTS)}): the total counts weights, states and logits only")
     terms["overhead"] = a["overhead_fraction"] * sum(terms.values())
-    return MemoryPlan(i, terms, notes)
+    return MemoryPlan(i, terms, notes, unmodelled)
 
 
 def plan_inputs(cfg: RunConfig, reference: str, dtype: Optional[str] = None, backend: Optional[str] = None,
@@ -251,12 +299,14 @@ def plan_inputs(cfg: RunConfig, reference: str, dtype: Optional[str] = None, bac
     and for CPU runs, which train in float32)."""
     from .modeling import linear_module_names
 
+    from .modeling import meta_model
+
     peft = cfg.peft
     targets = peft.target_modules
     if isinstance(targets, str):  # all-linear: every projection but the output head
-        targets = tuple(t for t in linear_module_names(cfg.model.architecture) if t != "lm_head")
+        targets = tuple(t for t in linear_module_names(cfg.model) if t != "lm_head")
     return PlanInputs(
-        arch=cfg.model.architecture, stage=cfg.stage.name, dtype=dtype or cfg.model.dtype, peft=peft.method,
+        arch=cfg.model.architecture, groups=parameter_groups(meta_model(cfg.model)), stage=cfg.stage.name, dtype=dtype or cfg.model.dtype, peft=peft.method,
         lora_r=peft.r, lora_dropout=peft.dropout, lora_targets=tuple(targets), double_quant=peft.double_quant,
         reference=reference if cfg.stage.name == "dpo" else "base", optimizer=cfg.stage.optim,
         backend=backend or cfg.backend.name, world_size=world_size or cfg.launcher.num_processes,

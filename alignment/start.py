@@ -73,7 +73,7 @@ def parent_is_adapter(cfg: RunConfig, previous: RunConfig | None = None) -> bool
 def resolve_start(cfg: RunConfig) -> StartingPoint:
     """The starting point without side effects (a merge is planned, not done): for dry runs and data reports."""
     if cfg.parent_run:
-        model = RunDir(Path(cfg.parent_run)).model
+        model = RunDir(Path(cfg.parent_run).resolve()).model  # absolute: an adapter trained on it records it
         if is_adapter_dir(model):
             base = adapter_base_path(model, cfg)
             if keeps_parent_adapter(cfg, True):
@@ -81,17 +81,32 @@ def resolve_start(cfg: RunConfig) -> StartingPoint:
             merged = Path(cfg.run_dir) / MERGED_DIR if cfg.run_dir else model
             return StartingPoint("merged parent adapter", merged, adapter=None, tokenizer=model)
         return StartingPoint("parent model", model, tokenizer=model)
-    if cfg.model.tiny:
+    if cfg.model.name_or_path is None:
         from .tiny import ensure_tiny_model
 
         path = ensure_tiny_model(cfg.model, cfg.seed)
         return StartingPoint("tiny twin", path, tokenizer=path)
-    return StartingPoint("model", cfg.model.name_or_path, tokenizer=cfg.model.name_or_path)
+    weights = model_weights(cfg)
+    return StartingPoint("model", weights, tokenizer=weights)
+
+
+def model_weights(cfg: RunConfig) -> Path | str:
+    """What from_pretrained loads for the configured checkpoint: an absolute dir (a GGUF file's converted
+    checkpoint, built on first use) or a hub id, so an adapter trained on it records a base that loads anywhere."""
+    from .checkpoint import ensure_converted, model_source
+
+    source = model_source(cfg.model.name_or_path, cfg.model.gguf_file)
+    if source.gguf_file:
+        return ensure_converted(source)
+    return Path(source.reference) if source.local else source.reference
 
 
 def adapter_base_path(adapter_dir: Path, cfg: RunConfig) -> Path | str:
+    """The adapter's base as something from_pretrained loads from here: an absolute dir or a hub id."""
     base = adapter_base(adapter_dir)
-    if cfg.model.tiny and not (Path(base) / "config.json").exists():
+    if (Path(base).expanduser() / "config.json").exists():
+        return Path(base).expanduser().resolve()  # runs saved before bases were recorded absolute
+    if cfg.model.tiny:
         # The twin cache was cleared or moved: the same config and seed rebuild identical weights.
         from .tiny import ensure_tiny_model
 
@@ -134,15 +149,20 @@ def merge_adapter(adapter_dir: Path, target: Path, cfg: RunConfig) -> Path:
 
 
 def lineage(cfg: RunConfig, start: StartingPoint) -> dict[str, Any]:
-    """What summary.json records about where this stage's weights came from, ancestors first."""
+    """What summary.json records about where this stage's weights came from, ancestors first, back to the
+    original base (and the GGUF file it was converted from)."""
+    from .checkpoint import gguf_origin
+
     ancestors: list[dict[str, Any]] = []
+    parent_lineage: dict[str, Any] = {}
     if cfg.parent_run:
         parent = read_summary(Path(cfg.parent_run)) or {}
-        ancestors = list(parent.get("lineage", {}).get("ancestors", []))
+        parent_lineage = parent.get("lineage") or {}
+        ancestors = list(parent_lineage.get("ancestors", []))
         ancestors.append({
             "run_dir": str(Path(cfg.parent_run).resolve()),
             "stage": parent.get("stage"),
-            "model": str(RunDir(Path(cfg.parent_run)).model),
+            "model": str(RunDir(Path(cfg.parent_run)).model.resolve()),
             "saved": "adapter" if start.kind in ("parent adapter", "merged parent adapter") else "full model",
         })
     return {
@@ -150,5 +170,7 @@ def lineage(cfg: RunConfig, start: StartingPoint) -> dict[str, Any]:
         "start": start.kind,
         "weights": str(start.weights),
         "adapter": str(start.adapter) if start.adapter else None,
-        "base_model": cfg.model.name_or_path,
+        # The model the lineage began with: the first ancestor's, else this stage's own starting weights.
+        "base_model": parent_lineage.get("base_model") or str(start.weights),
+        "gguf_source": parent_lineage.get("gguf_source") or gguf_origin(start.weights),
     }

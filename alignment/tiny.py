@@ -27,6 +27,8 @@ BUILDER_VERSION = 1
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
+# A pad distinct from EOS, so the EOS label is never masked; the twin's tokenizer carries it (and ChatML).
+PAD_TOKEN = "<|endoftext|>"
 
 # Plain prose so that the tokenizer also covers ordinary words, not only the arithmetic fixtures.
 _PROSE = (
@@ -54,7 +56,7 @@ def _corpus() -> list[str]:
 def fingerprint(model: ModelConfig, seed: int) -> str:
     spec = {
         "architecture": as_dict(model.architecture),
-        "tokenizer": as_dict(model.tokenizer),
+        "tokenizer": {"padding_side": model.tokenizer.padding_side, "pad": PAD_TOKEN, "eos": EOS_TOKEN},
         "seed": seed,
         "builder": BUILDER_VERSION,
         "corpus": hashlib.sha256("".join(_corpus()).encode()).hexdigest(),
@@ -66,7 +68,7 @@ def tiny_model_dir(model: ModelConfig, seed: int) -> Path:
     return cache_root() / "tiny" / f"{model.name}-{fingerprint(model, seed)}"
 
 
-def build_tokenizer(vocab_size: int, pad_token: str | None, padding_side: str):
+def build_tokenizer(vocab_size: int, padding_side: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -83,7 +85,7 @@ def build_tokenizer(vocab_size: int, pad_token: str | None, padding_side: str):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=EOS_TOKEN,
-        pad_token=pad_token,
+        pad_token=PAD_TOKEN,
         padding_side=padding_side,
         model_max_length=4096,
     )
@@ -95,7 +97,7 @@ def build_model(model: ModelConfig, tokenizer, seed: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    arch = as_dict(model.architecture)
+    arch = {k: v for k, v in as_dict(model.architecture).items() if v is not None}  # null: the class default
     model_type = arch.pop("model_type")
     if len(tokenizer) > arch["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size is {arch['vocab_size']}")
@@ -121,7 +123,7 @@ def ensure_tiny_model(model: ModelConfig, seed: int) -> Path:
         return target
     log.info("building tiny twin %s (seed %d) into %s", model.name, seed, target)
     tokenizer = build_tokenizer(
-        model.architecture.vocab_size, model.tokenizer.pad_token, model.tokenizer.padding_side
+        model.architecture.vocab_size, model.tokenizer.padding_side
     )
     network = build_model(model, tokenizer, seed)
     target.parent.mkdir(parents=True, exist_ok=True)

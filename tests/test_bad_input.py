@@ -18,7 +18,7 @@ CASES = {
     "dpo on chat data": (["stage=dpo", "dataset=tiny_sft"], "stage=dpo trains on preference data"),
     "hub model offline": (["model=mistral7b", "stage=sft", "offline=true"], "use model=tiny_qwen2"),
     "missing local model": (["stage=sft", "model=tiny_qwen2", "model.tiny=false", "model.name_or_path=./nowhere"],
-                            "model.name_or_path=./nowhere does not exist locally"),
+                            "model.name_or_path=./nowhere does not exist"),
     "misspelt key": (["betta=0.1"], "Did you mean beta?"),
     "wrong type": (["learning_rate=fast"], "learning_rate"),
     "mix fraction out of range": (["stage=dpo", "dataset.mix=[{name: b, schema: orpo, path: x.jsonl, fraction: 1.5}]"],

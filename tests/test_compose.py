@@ -118,7 +118,7 @@ def test_architecture_facts_count_the_real_parameters(name, expected):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = compose_run_config([f"model={name}"]).model.architecture
-    fields = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}
+    fields = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch) if getattr(arch, f.name) is not None}
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

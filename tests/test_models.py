@@ -38,8 +38,8 @@ def test_qwen72b_uses_seed_000_pad_token():
 
 
 def test_linear_modules_come_from_the_real_class_on_the_meta_device():
-    arch = compose_run_config(["model=qwen72b"]).model.architecture
-    assert linear_module_names(arch) == ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj",
+    model = compose_run_config(["model=qwen72b"]).model
+    assert linear_module_names(model) == ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj",
                                          "up_proj", "v_proj"]
 
 
@@ -64,5 +64,5 @@ def test_a_checkpoint_that_differs_from_the_declared_architecture_is_refused(tmp
     source = resolve_start(cfg).weights
     check_architecture(source, cfg)  # the twin matches its own facts
     wrong = compose_run_config(["model.architecture.intermediate_size=192"])
-    with pytest.raises(ConfigError, match="intermediate_size: 192 in conf/model/tiny_qwen2.yaml, 160 in config.json"):
+    with pytest.raises(ConfigError, match="intermediate_size: 192 in model=tiny_qwen2, 160 in config.json"):
         check_architecture(source, wrong)
