@@ -290,7 +290,18 @@ def ensure_converted(source: ModelSource) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.reference, gguf_file=source.gguf_file, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(source.reference, gguf_file=source.gguf_file,
+                                                      dtype=torch.float32)
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it, although its weights are
+        # already dequantized: the same weights in a plain instance of the class save normally.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        model.tie_weights()
+        del loaded
         tokenizer = AutoTokenizer.from_pretrained(source.reference, gguf_file=source.gguf_file)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

