@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from .compose import CONF_DIR, CONFIG_NAME, preflight
+from .compose import CONF_DIR, CONFIG_NAME, preflight, search_path, search_path_of, search_path_override, set_search_path
 from .config import ConfigError, to_run_config
 from .ranks import LAUNCH_STARTED
 from .sweep import current_sweep_name
@@ -52,6 +52,11 @@ def main() -> None:
     # When the command started, kept across a re-launch, so rank 0 can report command → first step.
     os.environ.setdefault(LAUNCH_STARTED, str(time.time()))
     current_sweep_name()  # fixed now, from this command line, before Hydra resolves any sweep dir
+    # The user's config dirs: from this command line, or inherited from the command that launched this rank.
+    own = search_path_of(sys.argv[1:])
+    set_search_path(own or search_path())
+    if search_path() and not own:
+        sys.argv.append(search_path_override(search_path()))  # Hydra's own composition sees them too
     # Every member of the command is composed and validated before Hydra starts the first one.
     try:
         preflight(sys.argv[1:])

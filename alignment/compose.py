@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
+import os
 import re
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,8 +42,70 @@ _INFORMATIONAL = {"-h", "--help", "-hh", "--hydra-help", "--info", "-i", "--cfg"
                   "--shell-completion", "--version"}
 
 
+# The user's config dirs (-cd/--config-dir, hydra.searchpath), as Hydra search-path entries. Kept in the
+# environment, so that launched ranks, sweep members and SLURM jobs of the command compose with the same path.
+SEARCH_PATH_ENV = "ALIGNMENT_CONFIG_SEARCHPATH"
+
+
+def search_path() -> list[str]:
+    return json.loads(os.environ.get(SEARCH_PATH_ENV) or "[]")
+
+
+def set_search_path(entries: list[str]) -> None:
+    if entries:
+        os.environ[SEARCH_PATH_ENV] = json.dumps(entries)
+    else:
+        os.environ.pop(SEARCH_PATH_ENV, None)
+
+
+def _as_entry(location: str) -> str:
+    """A dir or a file:// / pkg:// entry → a search-path entry; relative dirs become absolute (ranks run elsewhere)."""
+    if location.startswith("pkg://"):
+        return location
+    path = location[len("file://"):] if location.startswith("file://") else location
+    return f"file://{Path(path).expanduser().resolve()}"
+
+
+def search_path_of(argv: list[str]) -> list[str]:
+    """The extra config dirs a command line names: --config-dir/-cd and hydra.searchpath=[...]."""
+    entries, take_next = [], False
+    for arg in argv:
+        if take_next:
+            entries.append(_as_entry(arg))
+            take_next = False
+        elif arg in ("-cd", "--config-dir"):
+            take_next = True
+        elif arg.startswith(("--config-dir=", "-cd=")):
+            entries.append(_as_entry(arg.split("=", 1)[1]))
+        elif arg.startswith("hydra.searchpath="):
+            override = OverridesParser.create().parse_overrides([arg])[0]
+            value = override.value()
+            entries += [_as_entry(str(v)) for v in (value if isinstance(value, list) else [value])]
+    return entries
+
+
+def search_path_override(entries: list[str]) -> str:
+    return "hydra.searchpath=[" + ",".join(f"'{e}'" for e in entries) + "]"
+
+
+def _config_dirs() -> list[Path]:
+    """Our conf/ and the user's config dirs, in Hydra's search order after the primary."""
+    import importlib.resources
+
+    dirs = [CONF_DIR]
+    for entry in search_path():
+        if entry.startswith("file://"):
+            dirs.append(Path(entry[len("file://"):]))
+        elif entry.startswith("pkg://"):
+            try:
+                dirs.append(Path(str(importlib.resources.files(entry[len("pkg://"):].replace("/", ".")))))
+            except ModuleNotFoundError:
+                continue
+    return dirs
+
+
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return sorted({p.stem for directory in _config_dirs() for p in (directory / group).glob("*.yaml")})
 
 
 def config_groups() -> list[str]:
@@ -74,6 +138,8 @@ def _composer():
 def compose_run_config(overrides: list[str]) -> RunConfig:
     overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     _check_group_choices(overrides)
+    if search_path():
+        overrides = [*overrides, search_path_override(search_path())]
     try:
         with _composer():
             cfg = compose(config_name=CONFIG_NAME, overrides=overrides)

@@ -182,7 +182,11 @@ def launch_command(cfg: RunConfig, user_overrides: list[str], where: Machine) ->
 
 def rank_environment(cfg: RunConfig, uses_cuda: bool) -> dict[str, str]:
     """What every rank needs in its environment beyond the parent's own."""
+    from .compose import SEARCH_PATH_ENV
+
     env = {LAUNCHED_RUN_DIR: str(cfg.run_dir), LAUNCH_STARTED: os.environ.get(LAUNCH_STARTED, str(time.time()))}
+    if os.environ.get(SEARCH_PATH_ENV):  # the user's config dirs: the ranks compose with them too
+        env[SEARCH_PATH_ENV] = os.environ[SEARCH_PATH_ENV]
     if cfg.backend.name == "zero3" and not uses_cuda:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator; without it DeepSpeed looks for CUDA
     return env
