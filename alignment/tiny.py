@@ -39,7 +39,8 @@ _PROSE = (
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ALIGNMENT_CACHE", Path.home() / ".cache" / "alignment")).expanduser()
+    # Absolute: models built here are the recorded bases of adapters, which must load from any directory.
+    return Path(os.environ.get("ALIGNMENT_CACHE", Path.home() / ".cache" / "alignment")).expanduser().resolve()
 
 
 def _corpus() -> list[str]:

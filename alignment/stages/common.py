@@ -73,6 +73,18 @@ def prepare_data(cfg: RunConfig, run: RunDir, source) -> tuple[Any, PreparedData
     return tokenizer, data
 
 
+def _without_trl_card(trainer_class):
+    """The trainer class without TRL's draft model card, which it writes into checkpoints/ at every save (with hub
+    links to huggingface.co/None): the run's card is alignment.model_card's, in model/README.md."""
+
+    class WithoutTrlCard(trainer_class):
+        def create_model_card(self, *args, **kwargs) -> None:
+            return None
+
+    WithoutTrlCard.__name__ = WithoutTrlCard.__qualname__ = trainer_class.__name__
+    return WithoutTrlCard
+
+
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, config_class, trainer_class,
                   trainer_extras: Callable[[PreparedData], dict] | None = None, **stage_arguments):
     """Tokenizer, then data (bad rows stop the run before any weights load), then weights, into a TRL trainer.
@@ -84,7 +96,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
     model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
     arm_engine(cfg)
-    trainer = trainer_class(
+    trainer = _without_trl_card(trainer_class)(
         model=model,
         args=args,
         train_dataset=data.train,
