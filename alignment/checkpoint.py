@@ -120,10 +120,15 @@ def _one_line(err: Exception) -> str:
 
 
 def check_causal_lm(config, source: ModelSource, key: str = "model.name_or_path") -> None:
+    """The config must load as a causal LM, and the checkpoint's own architectures (when it names any) must be
+    causal-LM classes: BERT has a causal-LM class, but a BertForMaskedLM checkpoint is an encoder."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        architectures = ", ".join(getattr(config, "architectures", None) or []) or "none named"
+    named = getattr(config, "architectures", None) or []
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (named and not set(named) & causal_classes):
+        architectures = ", ".join(named) or "none named"
         raise ConfigError(f"{key}={source.given or source.label} holds a {config.model_type} model (architectures: {architectures}), "
                           f"which transformers cannot load as a causal language model (AutoModelForCausalLM). SFT and "
                           f"DPO train decoder-only causal LMs: point {key} at one.")
@@ -196,7 +201,8 @@ def resolve_model(merged: DictConfig, composed: DictConfig) -> None:
                  config.model_type, model.name)
         model.tiny = False
         model.name = derived_name(source)
-        model.architecture = facts_of(config)
+        for name, value in facts_of(config).items():  # every fact, so none of the twin's remains
+            OmegaConf.update(model, f"architecture.{name}", value, merge=False)
         return
     if config is None:
         missing = [k for k in REQUIRED_FACTS if k not in declared_keys]
