@@ -144,7 +144,10 @@ def facts_of(config) -> dict[str, Any]:
         "num_hidden_layers": getattr(text, "num_hidden_layers", None),
         "num_attention_heads": getattr(text, "num_attention_heads", None),
         "num_key_value_heads": getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None),
-        "intermediate_size": getattr(text, "intermediate_size", None),
+        # MLP width under the names architectures use for it; GPT-2's n_inner=None means 4 × hidden.
+        "intermediate_size": next((v for v in (getattr(text, k, None) for k in
+                                   ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")) if v), None)
+        or 4 * getattr(text, "hidden_size", 0),
         "vocab_size": getattr(text, "vocab_size", None),
         "max_position_embeddings": getattr(text, "max_position_embeddings", None),
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
@@ -193,6 +196,9 @@ def resolve_model(merged: DictConfig, composed: DictConfig) -> None:
         return
     source = model_source(str(name_or_path), model.gguf_file)
     config = read_config(source)
+    if source.local:  # recorded absolute: config.yaml and every rank mean the same checkpoint from any directory
+        model.name_or_path = str(Path(source.reference) / source.gguf_file) if source.given.endswith(".gguf") \
+            else source.reference
     if model.tiny:
         # A twin preset pointed at a checkpoint: the twin's facts are its build recipe, not claims about this one.
         if config is None:

@@ -209,12 +209,22 @@ def meta_model(model: ModelConfig):
     return _meta_model(transformers_config(model).to_json_string(use_diff=False))
 
 
+def linear_shape(module) -> tuple[int, int] | None:
+    """(in, out) features of a linear layer: torch's Linear, or the Conv1D GPT-2-style models use (peft targets both)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
 def linear_module_names(model: ModelConfig) -> list[str]:
     """Short names of the model's linear layers (q_proj, ..., lm_head): what peft.target_modules can name."""
-    import torch
-
     return sorted({name.rsplit(".", 1)[-1] for name, module in meta_model(model).named_modules()
-                   if isinstance(module, torch.nn.Linear)})
+                   if linear_shape(module) is not None})
 
 
 def check_target_modules(cfg: RunConfig) -> None:

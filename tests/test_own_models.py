@@ -9,7 +9,9 @@ the layout's activations (ACTIVATION_LAYOUTS) or that it does not.
 
 Activations: the planner's activations + logits are compared with the bytes autograd keeps for backward, as
 tests/test_plan.py does for the Qwen2 twin, at the size that test uses (hidden 128, intermediate 352,
-4 × 256 tokens), for every model type in ACTIVATION_LAYOUTS.
+4 × 256 tokens), for every model type in ACTIVATION_LAYOUTS. Not at the training twins' hidden 64: there the
+logits term (8 bytes per vocab entry) outweighs the layers, and in fp32 autograd keeps 4 (the log-softmax
+output), so even qwen2/llama/mistral plan 1.22× (peft none) and 1.16× (lora) what is saved.
 """
 
 from __future__ import annotations
@@ -172,7 +174,10 @@ def test_dry_run_counts_the_checkpoints_own_class_and_writes_nothing(twins, tmp_
     expected = meta_parameter_count(directory)
     assert printed_models(result.stdout) == [(directory.name, expected)] * 2, result.stdout[:3000]
     assert f"starts from  {directory} " in result.stdout
-    assert "not modelled" not in result.stdout and "verdict: fits" in result.stdout
+    if model_type in ACTIVATION_LAYOUTS:
+        assert "not modelled" not in result.stdout and "verdict: fits" in result.stdout
+    else:  # measured outside 10% (see OFF_BY_MORE_THAN_10_PERCENT): the plan says so instead of guessing
+        assert "verdict: unknown" in result.stdout and f"not modelled for {model_type} decoder" in result.stdout
     assert f"model_type: {model_type}" in result.stdout and "tiny: false" in result.stdout
 
 
@@ -186,8 +191,6 @@ def test_a_layout_the_planner_does_not_model_is_planned_without_activations(twin
     assert "activations are not modelled for gemma2 decoder layers" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="facts_of() reads intermediate_size=None from a GPT-2 config (n_inner=None "
-                                       "means 4 × n_embd), which ArchitectureConfig refuses: exit 2 at composition")
 def test_a_gpt2_checkpoint_dry_runs_with_activations_not_modelled(twins, tmp_path):
     directory = twins["gpt2"]
     result = dry_run(directory, tmp_path / "cwd", "stage=sft")
@@ -231,9 +234,10 @@ def test_own_checkpoint_trains_from_its_dir_alone(twins, tmp_path, monkeypatch, 
     overrides = [*STAGES[stage], f"peft={peft}"]
     if (model_type, stage, peft) in ON_THE_COMMAND_LINE:
         run_dir = _train_cli(directory, tmp_path, *overrides)
+        origin = tmp_path / "cwd"  # where the command ran, with a path relative to it
     else:
         outcome = train(tmp_path, "run", f"model.name_or_path={directory}", *overrides)
-        run_dir = outcome.run.path
+        run_dir, origin = outcome.run.path, Path.cwd()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished", summary
     assert summary["lineage"]["weights"] == str(directory) and summary["start_model"] == str(directory)
@@ -243,7 +247,8 @@ def test_own_checkpoint_trains_from_its_dir_alone(twins, tmp_path, monkeypatch, 
 
     model_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
     assert model_cfg["architecture"]["model_type"] == model_type and model_cfg["tiny"] is False
-    assert model_cfg["name_or_path"] == str(directory) and model_cfg["name"] == directory.name
+    # config.yaml keeps name_or_path as it was typed (relative on the command line); it names the same dir.
+    assert (origin / model_cfg["name_or_path"]).resolve() == directory and model_cfg["name"] == directory.name
     assert model_cfg["architecture"]["hidden_size"] == 64
     if model_type == "qwen3":
         assert model_cfg["architecture"]["head_dim"] == 32
@@ -322,7 +327,7 @@ def saved_activation_bytes(model, **batch) -> int:
     return sum(storages.values())
 
 
-# Measured planned / saved ratios (transformers 5.24, sdpa, fp32): qwen3 0.835 (none) and 0.881 (lora): the
+# Why qwen3 and phi3 are not in ACTIVATION_LAYOUTS. Measured planned / saved ratios (transformers 5.24, sdpa, fp32): qwen3 0.835 (none) and 0.881 (lora): the
 # formula counts the q-sized tensors as hidden-sized (q is heads × head_dim = 2 × hidden here) and has no term for
 # q_norm/k_norm; phi3 lora 1.258: the LoRA terms assume 7 adapters (q, k, v, o, gate, up, down), phi3 has 4
 # (qkv_proj, o_proj, gate_up_proj, down_proj).
@@ -331,10 +336,11 @@ OFF_BY_MORE_THAN_10_PERCENT = {
     ("qwen3", "lora"): "planned/saved 0.881: q-sized tensors (heads × head_dim ≠ hidden) and q/k norms not counted",
     ("phi3", "lora"): "planned/saved 1.258: LoRA activations assume 7 unfused adapters, phi3 has 4 fused linears",
 }
-LAYOUT_CASES = [pytest.param(t, peft, id=f"{t}-{peft}",
-                             marks=[pytest.mark.xfail(strict=True, reason=OFF_BY_MORE_THAN_10_PERCENT[(t, peft)])]
-                             if (t, peft) in OFF_BY_MORE_THAN_10_PERCENT else [])
-                for t in ACTIVATION_LAYOUTS for peft in ("none", "lora")]
+LAYOUT_CASES = [pytest.param(t, peft, id=f"{t}-{peft}") for t in ACTIVATION_LAYOUTS for peft in ("none", "lora")]
+
+
+def test_layouts_measured_off_by_more_than_10_percent_are_not_claimed():
+    assert not {t for t, _ in OFF_BY_MORE_THAN_10_PERCENT} & set(ACTIVATION_LAYOUTS)
 
 
 @pytest.mark.parametrize("model_type, peft", LAYOUT_CASES)
