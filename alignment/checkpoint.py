@@ -88,7 +88,9 @@ def _read_config(source: ModelSource, key: str):
             return None  # not in the local cache: from_pretrained downloads it when the run is online
     directory = Path(source.reference)
     if source.gguf_file:
-        converted = _converted_dir(source)
+        from .gguf_checkpoint import converted_dir
+
+        converted = converted_dir(source)
         if converted is not None:  # read from the converted checkpoint: no 100 MB file to parse again
             return AutoConfig.from_pretrained(str(converted))
         if not (directory / source.gguf_file).is_file():
@@ -252,91 +254,6 @@ def _not_cached(source: ModelSource, missing: list[str], preset: str) -> ConfigE
         f"a local copy, or use a preset that describes it.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# GGUF sources are dequantized once into an ordinary checkpoint dir, so every later load (each stage, the merge,
-# the evaluation, an adapter's base) is a plain from_pretrained of safetensors, and adapters name a real model dir.
-
-GGUF_DIR = "gguf"
-
-
-def _gguf_key(path: Path) -> str:
-    import hashlib
-
-    import transformers
-
-    stat = path.stat()
-    spec = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    return hashlib.sha256(spec.encode()).hexdigest()[:12]
-
-
-def converted_dir_for(source: ModelSource) -> Path:
-    from .tiny import cache_root
-
-    path = Path(source.reference) / source.gguf_file
-    return cache_root() / GGUF_DIR / f"{Path(source.gguf_file).stem}-{_gguf_key(path)}"
-
-
-def _converted_dir(source: ModelSource) -> Path | None:
-    path = Path(source.reference) / source.gguf_file
-    if not path.is_file():
-        return None
-    target = converted_dir_for(source)
-    return target if (target / "config.json").exists() else None
-
-
-def ensure_converted(source: ModelSource) -> Path:
-    """The GGUF file dequantized (float32: Q4/Q8 blocks are exact in it) into a checkpoint dir, built on first use."""
-    import hashlib
-    import json
-    import shutil
-    import tempfile
-
-    target = converted_dir_for(source)
-    if (target / "config.json").exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = Path(source.reference) / source.gguf_file
-    log.info("dequantizing %s into %s (once; later runs load the converted checkpoint)", gguf_path, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(source.reference, gguf_file=source.gguf_file,
-                                                      dtype=torch.float32)
-        # transformers marks a GGUF-loaded model as quantized and refuses to save it, although its weights are
-        # already dequantized: the same weights in a plain instance of the class save normally.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), assign=True)
-        model.tie_weights()
-        del loaded
-        tokenizer = AutoTokenizer.from_pretrained(source.reference, gguf_file=source.gguf_file)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        digest = hashlib.sha256()
-        with gguf_path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        (staging / "gguf_source.json").write_text(json.dumps(
-            {"gguf_file": str(gguf_path), "sha256": digest.hexdigest(), "bytes": gguf_path.stat().st_size}, indent=2))
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same conversion first: theirs is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def forget_read_configs() -> None:
+    """Drop the configs read so far (a GGUF source's is read from its converted dir once that exists)."""
     _read_config.cache_clear()
-    return target
-
-
-def gguf_origin(weights: Path | str) -> dict[str, Any] | None:
-    """The GGUF file a converted checkpoint dir came from (path, sha256), or None for any other dir."""
-    import json
-
-    record = Path(str(weights)) / "gguf_source.json"
-    return json.loads(record.read_text()) if record.is_file() else None

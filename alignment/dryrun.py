@@ -16,6 +16,18 @@ from .validation import is_offline
 TRAINERS = {"sft": "trl.SFTTrainer", "dpo": "trl.DPOTrainer", "eval": "alignment.evaluation (no training)"}
 
 
+def _checkpoint_line(cfg: RunConfig) -> str:
+    """Where the configured checkpoint's weights come from."""
+    from .checkpoint import model_source
+
+    source = model_source(cfg.model.name_or_path, cfg.model.gguf_file)
+    if source.gguf_file:
+        return f"{source.label} (GGUF: dequantized once into $ALIGNMENT_CACHE/gguf/, then loaded from there)"
+    if source.local:
+        return f"{source.reference} (local checkpoint)"
+    return f"{source.reference} (hub id: {'the local HF cache, offline' if is_offline(cfg) else 'hub or local HF cache'})"
+
+
 def _dataset_lines(cfg: RunConfig) -> list[str]:
     lines = []
     for index, source in enumerate(cfg.dataset.sources):
@@ -73,7 +85,7 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
         elif cfg.model.tiny:
             start = f"tiny twin built offline from model.architecture (seed {cfg.seed})"
         else:
-            start = f"{cfg.model.name_or_path} ({'offline: local copy required' if is_offline(cfg) else 'hub or local'})"
+            start = _checkpoint_line(cfg)
         stage = cfg.stage
         processes = cfg.launcher.num_processes or 1
         steps = f"max_steps={stage.max_steps}" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epoch(s)"

@@ -93,7 +93,8 @@ def resolve_start(cfg: RunConfig) -> StartingPoint:
 def model_weights(cfg: RunConfig) -> Path | str:
     """What from_pretrained loads for the configured checkpoint: an absolute dir (a GGUF file's converted
     checkpoint, built on first use) or a hub id, so an adapter trained on it records a base that loads anywhere."""
-    from .checkpoint import ensure_converted, model_source
+    from .checkpoint import model_source
+    from .gguf_checkpoint import ensure_converted
 
     source = model_source(cfg.model.name_or_path, cfg.model.gguf_file)
     if source.gguf_file:
@@ -151,7 +152,7 @@ def merge_adapter(adapter_dir: Path, target: Path, cfg: RunConfig) -> Path:
 def lineage(cfg: RunConfig, start: StartingPoint) -> dict[str, Any]:
     """What summary.json records about where this stage's weights came from, ancestors first, back to the
     original base (and the GGUF file it was converted from)."""
-    from .checkpoint import gguf_origin
+    from .gguf_checkpoint import gguf_origin
 
     ancestors: list[dict[str, Any]] = []
     parent_lineage: dict[str, Any] = {}

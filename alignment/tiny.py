@@ -13,10 +13,9 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from .builds import build_once
 from .config import FIXTURES_DIR, ModelConfig, as_dict
 from .templates import CHATML_TEMPLATE
 
@@ -127,16 +126,9 @@ def ensure_tiny_model(model: ModelConfig, seed: int) -> Path:
         model.architecture.vocab_size, model.tokenizer.padding_side
     )
     network = build_model(model, tokenizer, seed)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def save(staging: Path) -> None:
         network.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same build first: theirs is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return build_once(target, save)

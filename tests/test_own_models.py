@@ -29,6 +29,7 @@ import yaml
 from alignment.plan import ACTIVATION_LAYOUTS
 
 from .conftest import run_cli, train
+from .test_plan import saved_activation_bytes
 
 # Toy size of the training twins: the default twin's (tiny_qwen2) shape.
 TRAIN_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -311,21 +312,6 @@ def test_fsdp_shards_an_own_llama_checkpoint_by_its_decoder_layer(twins, tmp_pat
 
 # ---------------------------------------------------------------------------------------------------------------
 # The planner's activations against what autograd saves, for every layout it claims to model.
-
-def saved_activation_bytes(model, **batch) -> int:
-    """Bytes autograd keeps for backward during one forward pass (parameters excluded); as in tests/test_plan.py."""
-    params = {p.data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        if tensor.data_ptr() not in params:
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch)
-    return sum(storages.values())
-
 
 # Why qwen3 and phi3 are not in ACTIVATION_LAYOUTS. Measured planned / saved ratios (transformers 5.24, sdpa, fp32): qwen3 0.835 (none) and 0.881 (lora): the
 # formula counts the q-sized tensors as hidden-sized (q is heads × head_dim = 2 × hidden here) and has no term for

@@ -14,7 +14,7 @@ def _commands() -> list[str]:
 def test_readme_opens_with_install_demo_and_install_tests():
     demo, tests = _commands()[:2]
     assert "pip install torch==2.13.0" in demo and demo.endswith("python -m alignment")
-    assert "pip install torch==2.13.0" in tests and 'pip install -e ".[dev]"' in tests and "pytest" in tests
+    assert "pip install torch==2.13.0" in tests and 'pip install -e ".[dev,smol]"' in tests and "pytest" in tests
 
 
 def test_ci_runs_the_readme_test_command():
