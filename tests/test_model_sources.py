@@ -168,3 +168,37 @@ def test_an_adapter_on_a_relative_parent_records_an_absolute_base_and_loads_anyw
         finally:
             os.chdir(cwd)
     assert torch.equal(logits[0], logits[1])
+
+
+def _hub_cache_with(checkpoint: Path, root: Path, repo_id: str) -> Path:
+    """A Hugging Face hub cache holding `checkpoint` as repo_id, laid out as huggingface_hub writes it."""
+    commit = "0" * 40
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for index, source in enumerate(sorted(p for p in checkpoint.iterdir() if p.is_file())):
+        blob = repo / "blobs" / f"{index:040d}"
+        shutil.copyfile(source, blob)
+        (snapshot / source.name).symlink_to(os.path.relpath(blob, snapshot))
+    return root
+
+
+@pytest.mark.slow
+def test_an_offline_hub_id_in_the_local_cache_is_planned_and_trained(tmp_path, twin_checkpoint):
+    """Offline, a hub id in the HF cache is read from there: facts at composition, weights at load; the card's
+    base_model is the hub id, the relation finetune."""
+    cache = _hub_cache_with(twin_checkpoint, tmp_path / "hub", "someone/my-qwen")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    dry = run_cli("stage=sft", "model.name_or_path=someone/my-qwen", "dry_run=true", cwd=tmp_path, env=env)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "model        my-qwen: 217,664 parameters" in dry.stdout and "(hub id: the local HF cache, offline)" in dry.stdout
+    run = run_cli("stage=sft", "model.name_or_path=someone/my-qwen", "stage.max_steps=2", "stage.max_length=128",
+                  f"run_dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "base_model: someone/my-qwen" in card and "base_model_relation: finetune" in card
+    missing = run_cli("stage=sft", "model.name_or_path=someone/not-cached", "dry_run=true", cwd=tmp_path, env=env)
+    assert missing.returncode == 2 and "is a hub id that is not in the local Hugging Face cache" in missing.stderr
