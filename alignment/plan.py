@@ -53,6 +53,15 @@ ASSUMPTIONS = {
     # SFT materialises the logits (compute dtype), their fp32 upcast for the loss and its gradient;
     # TRL's DPO trainer uses a tiled LM head and keeps no full logits.
     "logit_bytes_per_vocab_entry": {"sft": 8, "dpo": 0},
+    # TRL 1.16 computes both losses through a chunked log-prob head (tiles of at most 4096 tokens × 32768
+    # vocabulary entries). Its backward holds about 23 bytes per token and vocabulary entry of a tile on the
+    # torch path (measured on SmolLM2-135M's 49,152-entry vocabulary, CPU: bench/smollm2_memory.py): the bytes
+    # beyond what `logit_bytes_per_vocab_entry` counts are the "LM head working set". With a trainable head (full
+    # fine-tuning) the gradients term, counted whole at a peak when only the head's gradient exists yet, already
+    # covers it (measured +5% / +7% without it), so it is counted for frozen bases only. A Triton kernel (GPU)
+    # may hold less: unmeasured, so this errs on the side of "does not fit".
+    "lm_head_tile_tokens": 4096,
+    "lm_head_backward_bytes_per_vocab_entry": 23,
     # Allocator slack and the framework's buffers (CUDA context and cache on GPU, allocator on CPU).
     "overhead_fraction": 0.05,
 }
@@ -143,7 +152,7 @@ class MemoryPlan:
             tips.append("quantize the frozen base to 4 bits: peft=qlora")
         if "reference" in big:
             tips.append("drop the in-memory reference: ref=precomputed, or ref=base / adapter_copy with LoRA")
-        if "activations" in big or "logits" in big or "backward working set" in big:
+        if "activations" in big or "logits" in big or "backward working set" in big or "LM head working set" in big:
             if not i.checkpointing:
                 tips.append("recompute activations: model.gradient_checkpointing=true")
             tips.append("a smaller stage.per_device_train_batch_size (raise gradient_accumulation_steps) or "
@@ -280,10 +289,15 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
     activations = tokens * per_token
     backward = tokens * per_layer * a["backward_layers"][i.checkpointing]
     logits = tokens * arch.vocab_size * a["logit_bytes_per_vocab_entry"][i.stage]
+    head_working_set = 0.0
+    if i.peft != "none":
+        head_working_set = (min(tokens, a["lm_head_tile_tokens"]) * arch.vocab_size
+                            * (a["lm_head_backward_bytes_per_vocab_entry"] - a["logit_bytes_per_vocab_entry"][i.stage]))
 
     terms = {"weights": weights, "trainable weights": adapters / shards, "gradients": gradients,
              "optimizer": optimizer, "reference": reference, "gathered for compute": gathered,
-             "activations": activations, "backward working set": backward, "logits": logits}
+             "activations": activations, "backward working set": backward, "logits": logits,
+             "LM head working set": head_working_set}
     unmodelled: tuple[str, ...] = ()
     if arch.model_type not in ACTIVATION_LAYOUTS:
         unmodelled = ("activations", "backward working set")

@@ -23,7 +23,9 @@ import torch
 from .conftest import run_cli
 
 LOSS_TOLERANCE = 1e-5
-LOGITS_TOLERANCE = 1e-5
+# Two processes sum gradients in another order than one: after 4 steps at lr 1e-3 the logits of the saved models
+# differ by ~1e-5 (measured 1.4e-5 for DDP DPO on a loaded 2-core machine, before and after issue 15's changes).
+LOGITS_TOLERANCE = 5e-5
 STEPS = 4
 COMMON = [f"stage.max_steps={STEPS}", "stage.max_length=256", "learning_rate=1e-3", "stage.warmup_ratio=0",
           "stage.global_batch_size=8", "stage.per_device_train_batch_size=4"]
