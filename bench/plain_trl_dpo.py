@@ -38,9 +38,14 @@ def main() -> None:
         lr_scheduler_type="linear", warmup_steps=0.0, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0,
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    train_and_report(DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer),
+                     args.output)
+
+
+def train_and_report(trainer, output: str) -> None:
+    """Train, save the model, and print one JSON line with the per-step losses and the training time."""
     trainer.train()
-    trainer.save_model(args.output + "/model")
+    trainer.save_model(output + "/model")
     runtime = next(r["train_runtime"] for r in trainer.state.log_history if "train_runtime" in r)
     print(json.dumps({"losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
                       "train_runtime": runtime}))

@@ -29,7 +29,7 @@ import yaml
 from alignment.plan import ACTIVATION_LAYOUTS
 
 from .conftest import run_cli, train
-from .test_plan import saved_activation_bytes
+from .test_plan import planned_and_saved_activations
 
 # Toy size of the training twins: the default twin's (tiny_qwen2) shape.
 TRAIN_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -331,24 +331,13 @@ def test_layouts_measured_off_by_more_than_10_percent_are_not_claimed():
 
 @pytest.mark.parametrize("model_type, peft", LAYOUT_CASES)
 def test_planned_activations_match_what_autograd_saves_for_each_modelled_layout(layout_twins, model_type, peft):
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from alignment.compose import compose_run_config
-    from alignment.modeling import lora_config
     from alignment.plan import plan_inputs, plan_memory
 
     directory = layout_twins(model_type)
     cfg = compose_run_config(["stage=sft", f"model.name_or_path={directory}", f"peft={peft}",
                               "stage.max_length=256", "stage.per_device_train_batch_size=4"])
     assert cfg.model.architecture.model_type == model_type and not cfg.model.tiny
-    model = AutoModelForCausalLM.from_pretrained(str(directory), attn_implementation="sdpa")
-    if peft != "none":
-        model = get_peft_model(model, lora_config(cfg.peft))
-    model.train()
-    ids = torch.randint(0, 600, (4, 256), generator=torch.Generator().manual_seed(0))
-    measured = saved_activation_bytes(model, input_ids=ids, labels=ids)
-    plan = plan_memory(plan_inputs(cfg, "base"))
-    assert not plan.unmodelled
-    planned = plan.terms["activations"] + plan.terms["logits"]
+    assert not plan_memory(plan_inputs(cfg, "base")).unmodelled
+    planned, measured = planned_and_saved_activations(cfg, directory)
     assert planned == pytest.approx(measured, rel=0.10), f"planned/saved = {planned / measured:.3f}"
