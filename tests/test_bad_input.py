@@ -10,7 +10,7 @@ import pytest
 from .conftest import run_cli
 
 CASES = {
-    "unknown group option": (["model=gpt5"], "Valid options: mistral7b, qwen72b, tiny_mistral, tiny_qwen2"),
+    "unknown group option": (["model=gpt5"], "Valid options: mistral7b, qwen72b, smollm2_135m, tiny_mistral, tiny_qwen2"),
     "mandatory value missing": (["model.name_or_path=???"], "model.name_or_path is mandatory"),
     "beta zero": (["stage=dpo", "beta=0"], "beta must be > 0"),
     "beta negative": (["beta=-0.1"], "beta must be > 0"),

@@ -91,10 +91,13 @@ def test_model_card_names_the_base_the_parent_run_and_the_data(demo_run):
 
     meta = yaml.safe_load(front)
     assert meta["library_name"] == "transformers" and "dpo" in meta["tags"]
-    assert meta["datasets"] == [str(__import__("alignment.config", fromlist=["FIXTURES_DIR"]).FIXTURES_DIR
-                                    / "tiny_ultrafeedback")]
+    assert "datasets" not in meta and "base_model" not in meta  # local paths are not hub ids: not in the metadata
+    summary = json.loads((demo_run["dir"] / "2-dpo" / "summary.json").read_text())
+    results = {r["metrics"][0]["name"]: r["metrics"][0]["value"] for r in meta["model-index"][0]["results"]}
+    assert results["held-out preference accuracy (implicit reward)"] == round(
+        summary["evaluation"]["preference_accuracy_after"], 4)
+    assert f"- fine-tuned from: `{(demo_run['dir'] / '1-sft' / 'model').resolve()}`" in body
     assert f"parent run: `{(demo_run['dir'] / '1-sft').resolve()}` (sft, saved full model)" in body
     assert "| tiny_ultrafeedback |" in body and "| train_prefs | train | 512 |" in body
     assert "| beta | 0.5 |" in body and "global batch | 64 = 32 × 2 × 1 processes" in body
-    summary = json.loads((demo_run["dir"] / "2-dpo" / "summary.json").read_text())
     assert f"| rewards/margins | {summary['final_metrics']['rewards/margins']:.4f} |" in body
