@@ -74,6 +74,10 @@ class ArchitectureConfig(_Frozen):
     sliding_window: Optional[int] = None
     head_dim: Optional[int] = None  # hidden_size / num_attention_heads for most models; Qwen3 and Gemma differ
 
+    def stated(self) -> dict[str, Any]:
+        """The facts that have a value (null ones are left to the checkpoint or the transformers class default)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
 
 @dataclass
 class TokenizerConfig(_Frozen):

@@ -8,8 +8,8 @@ import json
 import logging
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, PeftConfig, RunConfig, as_dict
-from .sources import in_hub_cache, looks_local
+from .config import ConfigError, ModelConfig, PeftConfig, RunConfig
+from .sources import in_hub_cache
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ def check_architecture(source: Path | str, cfg: RunConfig) -> None:
 
     from .checkpoint import fact_differences, facts_of
 
-    declared = {k: v for k, v in as_dict(cfg.model.architecture).items() if v is not None}
-    wrong = fact_differences(declared, facts_of(AutoConfig.from_pretrained(str(source))))
+    wrong = fact_differences(cfg.model.architecture.stated(), facts_of(AutoConfig.from_pretrained(str(source))))
     if wrong:
         details = "; ".join(f"{k}: {d} in model={cfg.model.name}, {a} in config.json" for k, d, a in wrong)
         raise ConfigError(f"{source} is not the architecture model={cfg.model.name} declares ({details}). "
@@ -173,24 +172,28 @@ def model_class(model_type: str):
     return AutoModelForCausalLM._model_mapping[config_class]
 
 
+def config_of_facts(arch):
+    """The transformers config the stated facts describe (class defaults for the rest)."""
+    from transformers import AutoConfig
+
+    facts = arch.stated()
+    return AutoConfig.for_model(facts.pop("model_type"), **facts)
+
+
 def meta_model_of_facts(arch):
     """The class the facts alone describe, on the meta device (for plans of models no checkpoint is at hand for)."""
-    facts = {k: v for k, v in as_dict(arch).items() if v is not None}
-    return _meta_model(json.dumps(facts, sort_keys=True))
+    return _meta_model(config_of_facts(arch).to_json_string(use_diff=False))
 
 
 def transformers_config(model: ModelConfig):
     """The model's transformers config: the checkpoint's own when it can be read here, else built from the facts."""
-    from transformers import AutoConfig
-
     from .checkpoint import model_source, read_config
 
     if model.name_or_path is not None:
         config = read_config(model_source(model.name_or_path, model.gguf_file))
         if config is not None:
             return config
-    facts = {k: v for k, v in as_dict(model.architecture).items() if v is not None}
-    return AutoConfig.for_model(facts.pop("model_type"), **facts)
+    return config_of_facts(model.architecture)
 
 
 @functools.lru_cache(maxsize=8)

@@ -97,7 +97,7 @@ def build_model(model: ModelConfig, tokenizer, seed: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    arch = {k: v for k, v in as_dict(model.architecture).items() if v is not None}  # null: the class default
+    arch = model.architecture.stated()  # null facts: the class default
     model_type = arch.pop("model_type")
     if len(tokenizer) > arch["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size is {arch['vocab_size']}")
