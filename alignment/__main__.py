@@ -13,6 +13,7 @@ from hydra.types import RunMode
 
 from .compose import CONF_DIR, CONFIG_NAME, preflight, search_path, search_path_of, search_path_override, set_search_path
 from .config import ConfigError, to_run_config
+from .optional import hide_unused_stacks
 from .ranks import LAUNCH_STARTED
 from .sweep import current_sweep_name
 
@@ -59,9 +60,10 @@ def main() -> None:
         sys.argv.append(search_path_override(search_path()))  # Hydra's own composition sees them too
     # Every member of the command is composed and validated before Hydra starts the first one.
     try:
-        preflight(sys.argv[1:])
+        configs = preflight(sys.argv[1:])
     except ConfigError as err:
         _fail(err)
+    hide_unused_stacks(configs or [])
     _hydra_entry()
     from .sweep import LAST_SWEEP
 

@@ -27,12 +27,7 @@ from .config import PACKAGE_DIR, ConfigError, RunConfig, flatten, to_run_config
 from .validation import validate
 
 
-def _conf_dir() -> Path:
-    installed = PACKAGE_DIR / "conf"  # a wheel ships conf/ inside the package
-    return installed if (installed / "config.yaml").exists() else PACKAGE_DIR.parent / "conf"
-
-
-CONF_DIR = _conf_dir()
+CONF_DIR = PACKAGE_DIR / "conf"  # the config groups ship inside the package (editable install and wheel alike)
 CONFIG_NAME = "config"
 # Hydra flags after which the next argument is a value, not an override.
 _FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
@@ -219,32 +214,37 @@ def link_overrides(cfg: RunConfig, user_overrides: list[str]) -> list[list[str]]
     return [[*link, *for_link(link), "chain=[]"] for link in cfg.chain]
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and validate every member (and every chain link) a command would run."""
+def preflight(argv: list[str]) -> list[RunConfig] | None:
+    """Compose and validate every member (and every chain link) a command would run; returns them (None when the
+    command only prints something: --help, --cfg, ...)."""
     overrides = cli_overrides(argv)
     if overrides is None:
-        return
+        return None
     try:
         members = sweep_members(overrides)
     except HydraException as err:
         raise ConfigError(f"cannot parse the command line: {_first_sentence(err)}") from None
+    configs = []
     for member in members:
         try:
-            _preflight_member(member)
+            configs += _preflight_member(member)
         except ConfigError as err:
             if len(members) == 1:
                 raise
             raise ConfigError(f"sweep member [{' '.join(member)}]: {err}") from None
+    return configs
 
 
-def _preflight_member(member: list[str]) -> None:
+def _preflight_member(member: list[str]) -> list[RunConfig]:
     cfg = compose_run_config(member)
     links = link_overrides(cfg, member)
     if not links:
         validate(cfg)
-        return
-    previous = None
+        return [cfg]
+    previous, configs = None, []
     for link in links:
         link_cfg = compose_run_config(link)
         validate(link_cfg, previous=previous)
+        configs.append(link_cfg)
         previous = link_cfg
+    return configs

@@ -1,6 +1,6 @@
 """The typed run object.
 
-Hydra composes YAML from `conf/` onto these dataclasses (registered in the ConfigStore as `run_schema`,
+Hydra composes YAML from `alignment/conf/` onto these dataclasses (registered in the ConfigStore as `run_schema`,
 the first entry of the root defaults list), so a typo in a key or a wrong type fails at composition.
 `to_run_config` turns the composed DictConfig into one frozen `RunConfig` that every module receives;
 `validate` checks what types cannot (ranges, stage/data agreement, paths) before anything heavy runs.
@@ -182,7 +182,7 @@ class DatasetConfig(SourceConfig):
 
 @dataclass
 class FsdpSettings(_Frozen):
-    """backend=fsdp: FSDP2 through accelerate. Values live in conf/backend/fsdp.yaml."""
+    """backend=fsdp: FSDP2 through accelerate. Values live in alignment/conf/backend/fsdp.yaml."""
 
     wrap_class: Optional[str] = None          # null: the model's decoder layer class (e.g. Qwen2DecoderLayer)
     reshard_after_forward: bool = MISSING     # free gathered layers after forward (ZeRO-3-like memory)
@@ -193,7 +193,7 @@ class FsdpSettings(_Frozen):
 
 @dataclass
 class ZeroSettings(_Frozen):
-    """backend=zero3: DeepSpeed ZeRO stage 3. Values live in conf/backend/zero3.yaml (seed 000's json)."""
+    """backend=zero3: DeepSpeed ZeRO stage 3. Values live in alignment/conf/backend/zero3.yaml (seed 000's json)."""
 
     overlap_comm: bool = MISSING
     contiguous_gradients: bool = MISSING
@@ -256,7 +256,7 @@ class LauncherConfig(_Frozen):
 
 @dataclass
 class TrackerConfig(_Frozen):
-    """Where metrics go besides metrics.jsonl and plots/ (alignment/trackers.py). Values in conf/tracker/."""
+    """Where metrics go besides metrics.jsonl and plots/ (alignment/trackers.py). Values in alignment/conf/tracker/."""
 
     name: str = "none"                 # none | wandb | tensorboard
     project: str = "alignment"
@@ -296,7 +296,7 @@ class GenerationConfig(_Frozen):
 
 @dataclass
 class JudgeConfig(_Frozen):
-    """Who decides which of two answers to a prompt is better (alignment/evaluation/judges.py). conf/judge/."""
+    """Who decides which of two answers to a prompt is better (alignment/evaluation/judges.py). alignment/conf/judge/."""
 
     name: str = "none"               # none | rule | reward_model | http
     # rule: a built-in rule (arithmetic) or `package.module:function` taking (prompt messages, response text)

@@ -43,7 +43,7 @@ def sweep_name(overrides) -> str:
 
 
 def current_sweep_name() -> str:
-    """The name this command's sweep dir gets (`${sweep_name:}` in conf/config.yaml); set once per command.
+    """The name this command's sweep dir gets (`${sweep_name:}` in alignment/conf/config.yaml); set once per command.
 
     A search sweeper (optuna) samples new values on every run, so the same command is not the same sweep:
     its dir also carries the start time.
@@ -145,7 +145,7 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback (conf/config.yaml): summarises the sweep dir when a --multirun ends."""
+    """Hydra callback (alignment/conf/config.yaml): summarises the sweep dir when a --multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -221,7 +221,7 @@ def _check_backend(cfg: RunConfig) -> None:
     for name in ("fsdp", "zero3"):
         _require(backend.name != name or getattr(backend, name) is not None,
                  f"backend.name={name} has no backend.{name} settings: choose the config group instead, "
-                 f"`backend={name}`, which brings them (conf/backend/{name}.yaml).")
+                 f"`backend={name}`, which brings them (alignment/conf/backend/{name}.yaml).")
     if backend.name == "fsdp":
         check_wrap_class(cfg)
     batch_plan(cfg, resolve_launcher(cfg).launcher.num_processes)

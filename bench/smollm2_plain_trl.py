@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-length", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--pad-token", default="<|endoftext|>")  # conf/model/smollm2_135m.yaml tokenizer.pad_token
+    parser.add_argument("--pad-token", default="<|endoftext|>")  # alignment/conf/model/smollm2_135m.yaml tokenizer.pad_token
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
