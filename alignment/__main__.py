@@ -12,8 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from .compose import CONF_DIR, CONFIG_NAME, preflight, search_path, search_path_of, search_path_override, set_search_path
-from .config import ConfigError, to_run_config
+from .command_line import job_config_text, normalise, wants_job_config
+from .config import ConfigError, to_run_config, with_overrides
+from .console import bars_above_logs
 from .optional import hide_unused_stacks
+from .provenance import remember_command
 from .ranks import LAUNCH_STARTED
 from .sweep import current_sweep_name
 
@@ -34,10 +37,11 @@ def _hydra_entry(composed) -> None:
 
     overrides = list(hydra_config.overrides.task)
     try:
-        if hydra_config.mode == RunMode.MULTIRUN:  # a member never stops the sweep; its status is recorded
-            return run_member(to_run_config(composed), overrides, Path(hydra_config.runtime.output_dir),
-                              int(hydra_config.job.num))
-        run(to_run_config(composed), overrides)
+        cfg = with_overrides(to_run_config(composed), overrides)
+        with bars_above_logs():
+            if hydra_config.mode == RunMode.MULTIRUN:  # a member never stops the sweep; its status is recorded
+                return run_member(cfg, overrides, Path(hydra_config.runtime.output_dir), int(hydra_config.job.num))
+            run(cfg, overrides)
     except ConfigError as err:
         _fail(err)
     except LaunchFailed as err:
@@ -52,12 +56,23 @@ def _hydra_entry(composed) -> None:
 def main() -> None:
     # When the command started, kept across a re-launch, so rank 0 can report command → first step.
     os.environ.setdefault(LAUNCH_STARTED, str(time.time()))
+    remember_command(sys.argv[1:])
+    try:
+        sys.argv[1:] = normalise(sys.argv[1:])
+    except ConfigError as err:
+        _fail(err)
     current_sweep_name()  # fixed now, from this command line, before Hydra resolves any sweep dir
     # The user's config dirs: from this command line, or inherited from the command that launched this rank.
     own = search_path_of(sys.argv[1:])
     set_search_path(own or search_path())
     if search_path() and not own:
         sys.argv.append(search_path_override(search_path()))  # Hydra's own composition sees them too
+    if wants_job_config(sys.argv[1:]):
+        try:
+            print(job_config_text(sys.argv[1:]), end="")
+        except ConfigError as err:
+            _fail(err)
+        return
     # Every member of the command is composed and validated before Hydra starts the first one.
     try:
         configs = preflight(sys.argv[1:])

@@ -49,12 +49,17 @@ def check_engine_installed(cfg: RunConfig) -> None:
 
 
 def accelerate_config(cfg: RunConfig, deepspeed_json: Path) -> dict[str, Any]:
-    """`accelerate launch --config_file` contents. Machine counts and addresses go on the command line."""
+    """`accelerate launch --config_file` contents. Complete on its own (`accelerate launch --config_file
+    launch/accelerate.yaml -m alignment ...` works as-is on machine 0); the launch command line repeats the counts
+    and adds the machine rank and rendezvous address of a multi-machine job."""
     from .modeling import mixed_precision
 
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": ACCELERATE_TYPES[cfg.backend.name],
+        "num_processes": cfg.launcher.num_processes,
+        "num_machines": cfg.launcher.num_machines,
+        "machine_rank": 0,
         "mixed_precision": mixed_precision(cfg),
         "rdzv_backend": "static",
         "same_network": True,

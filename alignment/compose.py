@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import PACKAGE_DIR, ConfigError, RunConfig, flatten, to_run_config
+from .config import PACKAGE_DIR, ConfigError, RunConfig, flatten, to_run_config, with_overrides
 from .validation import validate
 
 
@@ -131,16 +131,15 @@ def _composer():
 
 
 def compose_run_config(overrides: list[str]) -> RunConfig:
-    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    _check_group_choices(overrides)
-    if search_path():
-        overrides = [*overrides, search_path_override(search_path())]
+    given = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    _check_group_choices(given)
+    overrides = [*given, search_path_override(search_path())] if search_path() else given
     try:
         with _composer():
             cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_first_sentence(err)) from None
-    return to_run_config(cfg)
+    return with_overrides(to_run_config(cfg), given)
 
 
 def _known_keys() -> list[str]:
@@ -206,7 +205,7 @@ def link_overrides(cfg: RunConfig, user_overrides: list[str]) -> list[list[str]]
     """Override lists of the chain's links: the link's own first, then the user's (which win)."""
     if not cfg.chain or stage_chosen(user_overrides):
         return []
-    # A link naming its own preset (experiment=zephyr_dsft) keeps it: the user's experiment= chose the chain.
+    # A link naming its own preset (experiment=zephyr_dsft_paper) keeps it: the user's experiment= chose the chain.
     def for_link(link) -> list[str]:
         presets = any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in link)
         return [o for o in user_overrides if not (presets and o.split("=", 1)[0].lstrip("+~") == "experiment")]

@@ -363,6 +363,9 @@ class RunConfig(_Frozen):
     # The metric a sweeper optimises (hydra/sweeper=optuna); its held-out eval_ version is used when the run
     # evaluated. Failed members report NaN, which optuna records as a failed trial.
     objective: str = "rewards/accuracies"
+    # The command-line overrides that composed this config, as given (hydra.* and config dirs aside): written
+    # into config.yaml, so `rerun=<run dir>` composes the same run again. Set by composition, never by hand.
+    overrides: list[str] = field(default_factory=list)
 
 
 STAGES = ("sft", "dpo", "eval")
@@ -414,6 +417,12 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid configuration at {err.full_key or '?'}: {err.msg}") from None
     return freeze(run_config)
+
+
+def with_overrides(run_config: RunConfig, overrides: list[str]) -> RunConfig:
+    """The config, recording the command-line overrides that composed it (hydra.* ones are Hydra's, not the run's)."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    return freeze(dataclasses.replace(run_config, overrides=kept))
 
 
 def as_dict(run_config: RunConfig) -> dict[str, Any]:

@@ -31,7 +31,8 @@ def check_model_source(model: ModelConfig, offline: bool, path: str | None = Non
         raise ConfigError(
             f"{key}={path} is a hub id, the run is offline and it is not in the local Hugging Face cache. "
             f"Use model=tiny_qwen2 (or tiny_mistral) for an offline run, download it on a connected machine, or "
-            f"set {key} to a local directory. dry_run=true needs no weights."
+            f"set {key} to a local directory. (A dry run is refused the same way; to plan a run that will download, "
+            f"run it where HF_HUB_OFFLINE is unset and offline=false.)"
         )
 
 

@@ -31,7 +31,7 @@ from .secrets import redact
 OUTPUTS_ROOT = Path("outputs")
 CHECKPOINT_COMPLETE = "COMPLETE"
 # Keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE_KEYS = {"resume", "run_dir", "dry_run", "data_report"}
+_RESUME_FREE_KEYS = {"resume", "run_dir", "dry_run", "data_report", "overrides"}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .compose import compose_run_config, link_overrides
 from .config import ConfigError, RunConfig, freeze
 from .modeling import uses_cuda
@@ -23,11 +22,12 @@ from .dryrun import describe
 from .evaluation import EVAL_DIR, evaluate, format_headline, subjects_of_config, subjects_of_run
 from .model_card import write_model_card
 from .plots import plot_run
+from .provenance import provenance
 from .launch import (LaunchFailed, is_secondary_machine, launch, launch_preview, needs_launch, resolve_launcher,
                      slurm_run_path)
 from .ranks import init_process_group, is_main_process, launched_run_dir, main_process_first, shutdown_process_group
-from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, last_complete_checkpoint,
-                     new_run_path, newest_complete_checkpoint, read_summary, update_summary, write_config)
+from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, is_finished,
+                     last_complete_checkpoint, new_run_path, newest_complete_checkpoint, read_summary, update_summary, write_config)
 from .stages import stage_module
 from .sweep import current_sweep_name, member_state, objective_value, record_member
 from .trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
@@ -55,15 +55,6 @@ def _now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
 
 
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-    import trl
-
-    return {"alignment": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__}
-
-
 def batch_summary(cfg: RunConfig) -> dict[str, int]:
     plan = batch_plan(cfg, cfg.launcher.num_processes or 1)
     return {"global": plan.global_batch, "micro": plan.micro_batch, "accumulation": plan.accumulation,
@@ -89,7 +80,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
                        start_model=str(start.weights), parent_run=cfg.parent_run, lineage=lineage(cfg, start),
                        batch=batch_summary(cfg),
-                       resumed_from=str(resume_from) if resume_from else None, versions=_versions())
+                       resumed_from=str(resume_from) if resume_from else None, **provenance())
         log.info("%s stage in %s, starting from %s %s", cfg.stage.name, run.path, start.kind,
                  start.adapter or start.weights)
         metrics_writer = MetricsWriter(run)
@@ -150,10 +141,10 @@ def chain_configs(cfg: RunConfig, user_overrides: list[str], chain_dir: Path) ->
     """Compose every link with its own run dir under the chain dir; each link starts from the previous one."""
     configs, parent = [], None
     for index, overrides in enumerate(link_overrides(cfg, user_overrides), start=1):
-        link = compose_run_config(overrides)
+        # The parent is an override, so that the link's recorded overrides compose this link alone (rerun=).
+        link = compose_run_config([*overrides, f"parent_run='{parent}'"] if parent else overrides)
         link_dir = RunDir(chain_dir).link(index, link.stage.name).path
-        configs.append(freeze(dataclasses.replace(link, run_dir=str(link_dir),
-                                                  parent_run=str(parent) if parent else link.parent_run)))
+        configs.append(freeze(dataclasses.replace(link, run_dir=str(link_dir))))
         parent = link_dir
     return configs
 
@@ -276,7 +267,7 @@ def evaluate_stage(cfg: RunConfig) -> dict[str, Any]:
     write_config(run, cfg)
     handler = attach_run_log(run)
     update_summary(run, status="running", stage="eval", run_dir=str(run.path), started_at=_now(),
-                   parent_run=cfg.parent_run, versions=_versions())
+                   parent_run=cfg.parent_run, **provenance())
     try:
         report = evaluate(cfg, run, subjects_of_config(cfg))
     except BaseException as err:
@@ -306,6 +297,9 @@ def _train_as_rank(cfg: RunConfig, user_overrides: list[str], chained: bool) -> 
     """One rank of a launched job: join the process group, train, leave the group cleanly (ZeRO-3 hangs otherwise)."""
     if not is_main_process():
         logging.getLogger().setLevel(logging.WARNING)  # one console log per job, from rank 0
+    if not cfg.resume and is_finished(Path(cfg.run_dir)):  # launch/command.sh started again by hand
+        raise ConfigError(f"run_dir={cfg.run_dir} holds a finished run and is never overwritten; add resume=true to "
+                          f"the command to continue it, or change its run_dir.")
     init_process_group(uses_cuda(cfg))
     try:
         return _train(cfg, user_overrides, chained)

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from .console import StepClock, number
 from .ranks import LAUNCH_STARTED, is_main_process
 from .rundir import CHECKPOINT_COMPLETE, RunDir
 from .secrets import RedactingFilter
@@ -33,6 +34,11 @@ class MetricsWriter(TrainerCallback):
         self.run = run
         self.train_summary: dict[str, Any] = {}
         self.timing: dict[str, float] = {}
+        self.clock = StepClock(samples_per_step=0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.clock = StepClock(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+        self.clock.start(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.timing:
@@ -53,8 +59,9 @@ class MetricsWriter(TrainerCallback):
         if state.global_step % every == 0 or state.global_step in (1, state.max_steps) or "eval_loss" in logs:
             prefix = "eval_" if "eval_loss" in logs else ""
             shown = [prefix + k for k in TABLE_FIELDS if isinstance(record.get(prefix + k), (int, float))]
-            log.info("step %d/%d %s", state.global_step, state.max_steps,
-                     " ".join(f"{k}={record[k]:.4g}" for k in shown))
+            timing = "" if prefix else self.clock.describe(state.global_step, state.max_steps)
+            log.info("step %d/%d %s%s", state.global_step, state.max_steps,
+                     " ".join(f"{k}={number(record[k])}" for k in shown), f" {timing}" if timing else "")
 
 
 class MetricsProgress(ProgressCallback):
@@ -63,7 +70,7 @@ class MetricsProgress(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs:
-            shown = {k.split("/")[-1][:6]: f"{v:.3g}" for k, v in logs.items()
+            shown = {k.split("/")[-1][:6]: number(v) for k, v in logs.items()
                      if k in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm") and isinstance(v, (int, float))}
             if shown:
                 self.training_bar.set_postfix(shown, refresh=False)
@@ -131,7 +138,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value if value is not None else "-")
+    return number(value) if isinstance(value, (int, float)) else str(value if value is not None else "-")
 
 
 def attach_run_log(run: RunDir) -> logging.Handler:

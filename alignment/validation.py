@@ -45,6 +45,9 @@ def _one_of(key: str, value: object, valid: tuple[str, ...]) -> None:
 def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     """Raise ConfigError on the first problem. Filesystem checks are cheap; nothing is loaded.
 
+    A dry run is checked exactly as the run it describes (tests/test_bad_input.py runs the whole table both ways):
+    a plan that the run would then refuse is worth nothing.
+
     previous: the chain link before this one, whose run dir (this link's parent) does not exist yet.
     """
     stage = cfg.stage
@@ -83,14 +86,11 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     check_target_modules(cfg)
     _check_launcher(cfg)
     _check_backend(cfg)
-    if not cfg.dry_run:
-        _check_devices(cfg)
+    _check_devices(cfg)
 
     if cfg.parent_run and previous is None:
         _check_parent(Path(cfg.parent_run))
     _check_start_and_reference(cfg, previous)
-    if cfg.dry_run:
-        return  # a dry run loads nothing, so missing weights or data are reported in the plan, not refused
     if not cfg.parent_run:
         check_model_source(cfg.model, is_offline(cfg))
     if stage.name == "dpo" and cfg.ref.name == "separate":
@@ -148,9 +148,8 @@ def _check_eval(cfg: RunConfig) -> None:
              f"eval.generation.prompts={generation.prompts} is not a file. Give a .jsonl or .txt file of prompts, "
              f"or null to use the eval split's prompts.")
     check_judge(settings.judge)
-    if not cfg.dry_run:
-        check_harness(settings)
-    if settings.reference and not cfg.dry_run:
+    check_harness(settings)
+    if settings.reference:
         reference = Path(settings.reference)
         _require(reference.exists() or not settings.reference.startswith(("/", ".", "~")),
                  f"eval.reference={settings.reference} does not exist. Give a run dir, a model or adapter dir, or a "
@@ -180,8 +179,6 @@ def _check_qlora(cfg: RunConfig) -> None:
     _one_of("peft.quant_type", peft.quant_type, _QUANT_TYPES)
     _one_of("peft.compute_dtype", peft.compute_dtype, ("bfloat16", "float16", "float32"))
     _one_of("peft.quant_storage", peft.quant_storage, ("bfloat16", "float16", "float32", "uint8"))
-    if cfg.dry_run:
-        return
     require_importable("bitsandbytes", "peft=qlora needs bitsandbytes with 4-bit support on this machine",
                        "Install it (`pip install bitsandbytes`; CUDA, or its CPU backend), or use peft=lora.")
 

@@ -24,6 +24,14 @@ def offline_environment(tmp_path_factory):
     os.environ.update(saved)
 
 
+@pytest.fixture
+def planning(monkeypatch) -> dict[str, str]:
+    """A run that may download (HF_HUB_OFFLINE unset), for dry runs of hub presets: composition and validation read
+    only the local cache, so nothing touches the network. In-process for this test; returned as run_cli's env."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    return {"HF_HUB_OFFLINE": "0"}
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m alignment ...` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "alignment", *args], cwd=cwd, capture_output=True, text=True,

@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
+
+FIXTURE_SFT = REPO / "alignment" / "fixtures" / "tiny_ultrachat"
 
 CASES = {
     "unknown group option": (["model=gpt5"], "Valid options: mistral7b, qwen72b, smollm2_135m, tiny_mistral, tiny_qwen2"),
@@ -72,15 +74,30 @@ CASES = {
                                        "eval.judge.rule=length"], "eval.judge.rule=length is neither"),
     "processes not a multiple of machines": (["backend=ddp", "launcher.num_processes=3", "launcher.num_machines=2"],
                                              "does not spread evenly over launcher.num_machines=2"),
+    "one data file but an eval split named": ([f"dataset.path={FIXTURE_SFT / 'train_sft.jsonl'}", "stage=sft"],
+                                              "holds one split (used as dataset.train_split=train_sft), but "
+                                              "dataset.eval_split=test_sft is also named"),
+    "named split absent from a data dir": ([f"dataset.path={FIXTURE_SFT}", "stage=sft", "dataset.eval_split=dev"],
+                                           "split 'dev' not found in"),
+    "data file of another schema": ([f"dataset.path={FIXTURE_SFT}", "stage=dpo", "dataset.schema=ultrafeedback"],
+                                    "field chosen, rejected is missing"),
+    "backend device cuda without CUDA": (["backend.device=cuda"], "backend.device=cuda but no CUDA device is visible"),
+    "rerun of a missing run dir": (["rerun=outputs/nowhere"], "rerun="),
 }
 
 
 @pytest.mark.parametrize("args, message", CASES.values(), ids=CASES.keys())
-def test_bad_input_exits_2_with_a_clear_message(tmp_path, args, message):
-    result = run_cli(*args, cwd=tmp_path)
-    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
-    assert message.lower() in result.stderr.lower()
-    assert result.stderr.count("alignment: error:") == 1
+def test_bad_input_exits_2_with_a_clear_message_and_its_dry_run_identically(tmp_path, args, message):
+    """Every refusal, asked of the run and of its dry run: the plan of a run that would be refused is worth nothing,
+    so the dry run is refused with the same one line."""
+    run_args = [a for a in args if a != "dry_run=true"]
+    run, dry = run_cli(*run_args, cwd=tmp_path), run_cli(*run_args, "dry_run=true", cwd=tmp_path)
+    for result in (run, dry):
+        assert result.returncode == 2, (result.args, result.stdout[-2000:], result.stderr[-2000:])
+        assert message.lower() in result.stderr.lower()
+        assert result.stderr.count("alignment: error:") == 1
+    errors = [[line for line in r.stderr.splitlines() if line.startswith("alignment: error:")] for r in (run, dry)]
+    assert errors[0] == errors[1]
     assert not (tmp_path / "outputs").exists(), "nothing may be written for bad input"
 
 
@@ -144,8 +161,9 @@ UNIMPORTABLE = {
 
 
 @pytest.mark.parametrize("args, package, error, expected", UNIMPORTABLE.values(), ids=UNIMPORTABLE.keys())
-def test_unimportable_optional_package_exits_2(tmp_path, args, package, error, expected):
-    result = run_cli(*args, cwd=tmp_path, env=_unimportable(tmp_path, package, error))
+@pytest.mark.parametrize("dry_run", ["false", "true"])
+def test_unimportable_optional_package_exits_2(tmp_path, args, package, error, expected, dry_run):
+    result = run_cli(*args, f"dry_run={dry_run}", cwd=tmp_path, env=_unimportable(tmp_path, package, error))
     assert result.returncode == 2, result.stderr[-2000:]
     assert all(text in result.stderr for text in expected), result.stderr[-2000:]
     assert "launching" not in result.stdout

@@ -11,11 +11,13 @@ from alignment.validation import validate
 
 from .conftest import run_cli
 
-PRESETS = ["zephyr_dsft", "zephyr_ddpo_paper", "zephyr_ddpo_handbook", "qwen72b_qlora_dpo", "zephyr"]
+PRESETS = ["zephyr_dsft_paper", "zephyr_dsft_handbook", "zephyr_ddpo_paper", "zephyr_ddpo_handbook", "qwen72b_qlora_dpo",
+           "zephyr", "zephyr_handbook"]
 # Shrinking: a tiny twin of the same family, the tiny fixture in the same schema, one CPU process, a few steps.
 SHRINK = ["stage.max_steps=2", "stage.max_length=256", "stage.global_batch_size=8", "stage.per_device_train_batch_size=4",
           "stage.per_device_eval_batch_size=4", "backend=single", "launcher.num_processes=1", "stage.eval_steps=null",
-          "stage.save_steps=100", "eval.generation.num_prompts=4", "eval.generation.max_new_tokens=8"]
+          "stage.save_steps=100", "eval.generation.num_prompts=4", "eval.generation.max_new_tokens=8",
+          "dataset.num_proc=1", "model.dtype=float32", "model.attn_implementation=sdpa"]
 
 
 def test_every_preset_is_in_the_experiment_group():
@@ -23,28 +25,24 @@ def test_every_preset_is_in_the_experiment_group():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_composes_validates_and_dry_runs_offline(preset, tmp_path):
+def test_preset_composes_validates_and_dry_runs_without_downloads(preset, tmp_path, planning):
+    """Planning a hub model's run needs nothing downloaded (composition reads only the local cache); a dry run is
+    checked as its run, so it is planned as a run that may download (HF_HUB_OFFLINE unset), as on a login node."""
     cfg = compose_run_config([f"experiment={preset}", "dry_run=true"])
     validate(cfg)
-    result = run_cli(f"experiment={preset}", "dry_run=true", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    result = run_cli(f"experiment={preset}", "dry_run=true", cwd=tmp_path, env=planning)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "memory plan per device" in result.stdout and "dry run: nothing was loaded" in result.stdout
 
 
-def test_zephyr_presets_transcribe_the_recipes():
-    sft = compose_run_config(["experiment=zephyr_dsft"])
-    assert (sft.model.name, sft.dataset.name, sft.learning_rate, sft.stage.global_batch_size, sft.stage.max_length,
-            sft.stage.lr_scheduler_type, sft.stage.num_train_epochs) == ("mistral7b", "ultrachat_200k", 2e-5, 512, 2048,
-                                                                          "cosine", 1)
-    paper = compose_run_config(["experiment=zephyr_ddpo_paper"])
-    handbook = compose_run_config(["experiment=zephyr_ddpo_handbook"])
-    assert (paper.beta, paper.stage.num_train_epochs, paper.learning_rate, paper.stage.global_batch_size) == (0.1, 3, 5e-7, 32)
-    assert (handbook.beta, handbook.stage.num_train_epochs) == (0.01, 1)
-    assert handbook.stage.max_prompt_length == paper.stage.max_prompt_length == 512
+def test_a_hub_preset_is_refused_offline_by_its_dry_run_as_by_its_run(tmp_path):
+    for dry in ("dry_run=true", "dry_run=false"):
+        result = run_cli("experiment=zephyr_dsft_paper", dry, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 2 and "is a hub id, the run is offline" in result.stderr, result.stderr[-2000:]
 
 
-def test_qwen72b_preset_dry_run_reports_seed_000_settings(tmp_path):
-    result = run_cli("experiment=qwen72b_qlora_dpo", "dry_run=true", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+def test_qwen72b_preset_dry_run_reports_seed_000_settings(tmp_path, planning):
+    result = run_cli("experiment=qwen72b_qlora_dpo", "dry_run=true", cwd=tmp_path, env=planning)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     for expected in ("global batch 32 = micro batch 1 × accumulation 16 × 2 processes", "max_length=512", "beta=0.1",
@@ -59,10 +57,10 @@ def test_every_preset_trains_shrunk_on_a_tiny_twin(tmp_path):
     """Same presets, same code path; model, data and size swapped by override. The `zephyr` chain is its two
     links run in turn here (dsft, then ddpo from it): one command-line dataset cannot serve both links."""
     sft = tmp_path / "dsft"
-    result = run_cli("experiment=zephyr_dsft", "model=tiny_mistral", "dataset=tiny_sft", *SHRINK, f"run_dir={sft}",
+    result = run_cli("experiment=zephyr_dsft_paper", "model=tiny_mistral", "dataset=tiny_sft", *SHRINK, f"run_dir={sft}",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = {"zephyr_dsft": sft}
+    runs = {"zephyr_dsft_paper": sft}
     for preset in ("zephyr_ddpo_paper", "zephyr_ddpo_handbook"):
         runs[preset] = tmp_path / preset
         result = run_cli(f"experiment={preset}", "model=tiny_mistral", "dataset=tiny_dpo", *SHRINK,

@@ -72,6 +72,7 @@ def check_source(source: SourceConfig, key: str, offline: bool) -> None:
                 f"{key}.eval_split={source.eval_split} is also named. Set {key}.test_size=0.01 to hold out rows "
                 f"from it, {key}.eval_split=null to train without evaluation, or point {key}.path at a directory "
                 f"with {source.train_split}.jsonl and {source.eval_split}.jsonl.")
+        _check_local_splits(source, location)
         return
     if offline and not in_hub_cache(source.path, "dataset"):
         name = source.path.split("/")[-1]
@@ -80,6 +81,34 @@ def check_source(source: SourceConfig, key: str, offline: bool) -> None:
             f"machine run `huggingface-cli download --repo-type dataset {source.path} --local-dir data/{name}`, "
             f"copy data/{name} here and set {key}.path=data/{name} (a .jsonl/.parquet file or a save_to_disk "
             f"directory works too).")
+
+
+def _check_local_splits(source: SourceConfig, location: Location) -> None:
+    """What loading would refuse, found without loading: a named split that is not there, and (one line read) a
+    .jsonl whose first row lacks the schema's columns. Dry runs and runs get the same message."""
+    path = Path(location.path)
+    if location.kind == "split_files":
+        files = {p.stem: p for p in path.iterdir() if p.suffix in FILE_BUILDERS}
+    elif location.kind == "saved_dict":
+        files = {name: None for name in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])}
+    elif location.kind == "file":
+        files = {source.train_split: path}
+    else:
+        return
+    for split in sorted(_named_splits(source)):
+        if location.kind == "file" and split != source.train_split:
+            continue  # held out by test_size, checked above
+        _require_split(source, split, sorted(files))
+        file = files[split]
+        if file is not None and file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as handle:
+                first = next((line for line in handle if line.strip()), None)
+            try:
+                row = json.loads(first) if first else None
+            except json.JSONDecodeError:
+                continue  # loading names the line (_diagnose_json)
+            if isinstance(row, dict) and missing_columns(SCHEMAS[source.schema], list(row)):
+                _diagnose_json(source, file)
 
 
 def settings_error(source: SourceConfig, key: str) -> str | None:

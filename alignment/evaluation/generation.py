@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ConfigError, GenerationConfig
+from ..console import progress
 
 Messages = list[dict[str, str]]
 
@@ -80,7 +81,8 @@ def generate(model, tokenizer, prompts: Sequence[Messages], settings: Generation
         if settings.do_sample else {"do_sample": False}
     try:
         with torch.inference_mode():
-            for begin in range(0, len(prompts), settings.batch_size):
+            starts = range(0, len(prompts), settings.batch_size)
+            for begin in progress(starts, total=len(starts), desc=f"generating {len(prompts)} answers"):
                 texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
                          for p in prompts[begin:begin + settings.batch_size]]
                 batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

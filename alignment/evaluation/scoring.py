@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..console import progress
+
 
 @dataclass(frozen=True)
 class Tokenized:
@@ -47,7 +49,8 @@ def response_logps(model, tokenizer, sequences: Sequence[Tokenized], batch_size:
     model.eval()
     try:
         with torch.inference_mode():
-            for begin in range(0, len(order), batch_size):
+            starts = range(0, len(order), batch_size)
+            for begin in progress(starts, total=len(starts), desc=f"scoring {len(sequences)} sequences"):
                 chunk = [sequences[i] for i in order[begin:begin + batch_size]]
                 width = max(len(s.ids) for s in chunk)
                 ids = torch.full((len(chunk), width), pad, dtype=torch.long)
