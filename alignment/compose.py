@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import PACKAGE_DIR, ConfigError, RunConfig, flatten, to_run_config, with_overrides
+from .config import PACKAGE_DIR, ConfigError, RunConfig, flatten, stage_chosen, to_run_config, with_overrides
 from .validation import validate
 
 
@@ -194,11 +194,6 @@ def sweep_members(overrides: list[str]) -> list[list[str]]:
         else:
             choices.append([override.input_line])
     return [list(member) for member in itertools.product(*choices)]
-
-
-def stage_chosen(overrides: list[str]) -> bool:
-    """`stage=...` on the command line means: run that stage alone, even if the experiment chains stages."""
-    return any(o.split("=", 1)[0].lstrip("+") == "stage" for o in overrides)
 
 
 def link_overrides(cfg: RunConfig, user_overrides: list[str]) -> list[list[str]]:

@@ -419,10 +419,17 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return freeze(run_config)
 
 
+def stage_chosen(overrides: list[str]) -> bool:
+    """`stage=...` on the command line means: run that stage alone, even if the experiment chains stages."""
+    return any(o.split("=", 1)[0].lstrip("+") == "stage" for o in overrides)
+
+
 def with_overrides(run_config: RunConfig, overrides: list[str]) -> RunConfig:
     """The config, recording the command-line overrides that composed it (hydra.* ones are Hydra's, not the run's)."""
     kept = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    return freeze(dataclasses.replace(run_config, overrides=kept))
+    # stage=... on the command line runs that stage alone: the experiment's chain is not part of this run.
+    chain = [] if stage_chosen(kept) else run_config.chain
+    return freeze(dataclasses.replace(run_config, overrides=kept, chain=chain))
 
 
 def as_dict(run_config: RunConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def test_conf_has_the_groups_of_the_product():
 
 
 @pytest.mark.parametrize("choice", _combinations(), ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_every_combination_composes(choice):
+def test_every_combination_composes(choice, planning):
     overrides = [f"{group}={option}" for group, option in choice.items()] + ["dry_run=true"]
     cfg = compose_run_config(overrides)
     assert isinstance(cfg, RunConfig)
@@ -43,7 +43,7 @@ def test_every_combination_composes(choice):
 
 @pytest.mark.parametrize("backend", group_options("backend"))
 @pytest.mark.parametrize("model", group_options("model"))
-def test_every_backend_composes_and_validates_for_every_model(backend, model):
+def test_every_backend_composes_and_validates_for_every_model(backend, model, planning):
     for stage in ("sft", "dpo"):
         cfg = compose_run_config([f"backend={backend}", f"model={model}", f"stage={stage}", "dry_run=true"])
         assert cfg.backend.name == backend

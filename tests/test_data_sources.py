@@ -93,9 +93,9 @@ def test_a_single_file_cannot_also_provide_a_named_eval_split():
 
 
 def test_a_missing_split_names_the_available_ones(tiny_tokenizer):
-    cfg = dataset_config("ultrafeedback_binarized", "dataset.eval_split=test_gen")
+    """Refused when the run is checked (validate, dry runs included), before anything loads."""
     with pytest.raises(ConfigError, match="split 'test_gen' not found.*available: test_prefs, train_prefs"):
-        prepare(cfg, tiny_tokenizer)
+        dataset_config("ultrafeedback_binarized", "dataset.eval_split=test_gen")
 
 
 def test_fixtures_follow_the_real_column_sets():

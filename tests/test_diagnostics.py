@@ -146,5 +146,5 @@ def test_progress_bar_shows_key_metrics_instead_of_printing_each_log():
     progress.training_bar = Bar()
     state = SimpleNamespace(is_world_process_zero=True)
     progress.on_log(None, state, None, logs={"loss": 0.61234, "rewards/margins": 0.25, "epoch": 0.5, "num_tokens": 9.0})
-    assert progress.training_bar.postfix == {"loss": "0.612", "margin": "0.25"}
+    assert progress.training_bar.postfix == {"loss": "0.6123", "margin": "0.2500"}
     assert progress.training_bar.written == []

@@ -100,14 +100,14 @@ def _fake_tool(folder: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_sbatch_script_runs_one_launching_process_per_node_with_slurms_rank_and_address(tmp_path):
+def test_sbatch_script_runs_one_launching_process_per_node_with_slurms_rank_and_address(tmp_path, planning):
     """launchers/slurm.sbatch under fake srun/scontrol on node 1 of a 2-node job; dry_run shows the launch."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake_tool(bin_dir, "scontrol", 'echo gpu003; echo gpu004')
     # srun on one node: drop srun's own flags, run the task here.
     _fake_tool(bin_dir, "srun", 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"')
-    env = {**os.environ, **SLURM_NODE_1, "SLURM_GPUS_ON_NODE": "8",
+    env = {**os.environ, **planning, **SLURM_NODE_1, "SLURM_GPUS_ON_NODE": "8",
            "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", str(REPO / "launchers" / "slurm.sbatch"), "stage=dpo", "backend=fsdp",
                              "model=qwen72b", "peft=qlora", "stage.per_device_train_batch_size=2", "dry_run=true"],
@@ -129,9 +129,9 @@ def test_submitit_launcher_sends_each_member_as_one_job_with_one_task_per_node()
     assert launcher.nodes == 2 and launcher.tasks_per_node == 1 and launcher.gpus_per_node == 8
 
 
-def test_dry_run_shows_the_plan_for_the_backend_and_the_launch_command(tmp_path):
+def test_dry_run_shows_the_plan_for_the_backend_and_the_launch_command(tmp_path, planning):
     result = run_cli("stage=dpo", "model=qwen72b", "backend=fsdp", "peft=qlora", "launcher.num_processes=2",
-                     "stage.per_device_train_batch_size=1", "dry_run=true", cwd=tmp_path)
+                     "stage.per_device_train_batch_size=1", "dry_run=true", cwd=tmp_path, env=planning)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "memory plan per device (2 × 80 GB, backend fsdp" in out

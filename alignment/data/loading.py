@@ -164,7 +164,10 @@ def load_split(source: SourceConfig, split: str):
         _require_split(source, split, sorted(files))
         data = _load_file(source, files[split])
     else:
-        data = load_dataset(location.path, split=split)
+        try:
+            data = load_dataset(location.path, split=split)
+        except ValueError as err:  # datasets names the splits it found
+            raise ConfigError(f"{source.name}: cannot load split {split!r} from {location.path}: {err}") from None
     schema = SCHEMAS[source.schema]
     missing = missing_columns(schema, data.column_names)
     if missing:
