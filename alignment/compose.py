@@ -225,7 +225,8 @@ def preflight(argv: list[str]) -> list[RunConfig] | None:
         except ConfigError as err:
             if len(members) == 1:
                 raise
-            raise ConfigError(f"sweep member [{' '.join(member)}]: {err}") from None
+            swept = [o for o in member if not all(o in other for other in members)]  # what tells members apart
+            raise ConfigError(f"sweep member [{' '.join(swept)}]: {err}") from None
     return configs
 
 
