@@ -31,7 +31,7 @@ COMMANDS = {
     "dry run": ["experiment=qwen72b_qlora_dpo", "dry_run=true"],
     "tiny run": ["stage=sft", "stage.max_steps=1", "stage.save_steps=100000"],
 }
-OUR_LINE_PREFIXES = ("sft stage", "data:", "step ", "field", "loss", "grad_norm", "run dir", "")
+OUR_LINE_PREFIXES = ("sft stage", "data:", "step ", "field", "loss", "grad_norm", "run dir")
 
 
 def run_once(tree: Path, args: list[str], env: dict) -> tuple[float, float | None, int]:
@@ -49,7 +49,7 @@ def run_once(tree: Path, args: list[str], env: dict) -> tuple[float, float | Non
     noise = 0
     if args is COMMANDS["tiny run"]:
         noise = sum(1 for line in (result.stdout + result.stderr).splitlines()
-                    if not line.strip().startswith(OUR_LINE_PREFIXES))
+                    if line.strip() and not line.strip().startswith(OUR_LINE_PREFIXES))
     return wall, first_step, noise
 
 
