@@ -11,13 +11,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from .compose import CONF_DIR, CONFIG_NAME, preflight, search_path, search_path_of, search_path_override, set_search_path
+from .compose import CONF_DIR, CONFIG_NAME, cli_overrides, preflight, search_path, search_path_of, search_path_override, set_search_path
 from .command_line import job_config_text, normalise, wants_job_config
 from .config import ConfigError, to_run_config, with_overrides
 from .console import bars_above_logs
 from .optional import hide_unused_stacks
 from .provenance import remember_command
-from .ranks import LAUNCH_STARTED
+from .launch import adopt_external_launch
+from .ranks import LAUNCH_STARTED, started_by_external_launcher
 from .sweep import current_sweep_name
 
 EXIT_BAD_INPUT = 2
@@ -67,6 +68,11 @@ def main() -> None:
     set_search_path(own or search_path())
     if search_path() and not own:
         sys.argv.append(search_path_override(search_path()))  # Hydra's own composition sees them too
+    if started_by_external_launcher():  # `accelerate launch --config_file <run>/launch/accelerate.yaml -m alignment`
+        try:
+            adopt_external_launch(cli_overrides(sys.argv[1:]) or [])
+        except ConfigError as err:
+            _fail(err)
     if wants_job_config(sys.argv[1:]):
         try:
             print(job_config_text(sys.argv[1:]), end="")

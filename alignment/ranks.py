@@ -19,6 +19,12 @@ def launched_run_dir() -> str | None:
     return os.environ.get(LAUNCHED_RUN_DIR) or None
 
 
+def started_by_external_launcher() -> bool:
+    """A rank that `accelerate launch` or torchrun started directly (launch/accelerate.yaml used as-is), not one
+    of ours: the launcher set the process-group variables, we did not set the run dir."""
+    return launched_run_dir() is None and "LOCAL_RANK" in os.environ and world_size() > 1
+
+
 def world_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
