@@ -87,6 +87,30 @@ CASES = {
 }
 
 
+def _refusal(args: list[str]) -> str | None:
+    """What the command's up-front checks say about a command line, in this process (no CLI start-up)."""
+    from alignment.command_line import normalise
+    from alignment.compose import preflight
+    from alignment.config import ConfigError
+
+    try:
+        preflight(normalise(list(args)))
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("args, message", CASES.values(), ids=CASES.keys())
+def test_every_refusal_is_the_same_for_the_run_and_its_dry_run(tmp_path, monkeypatch, args, message):
+    """The fast tier's form of the table below: the checks every command runs first, run and dry run compared."""
+    monkeypatch.chdir(tmp_path)
+    run_args = [a for a in args if a != "dry_run=true"]
+    run, dry = _refusal(run_args), _refusal([*run_args, "dry_run=true"])
+    assert run is not None and message.lower() in run.lower(), run
+    assert dry == run
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", CASES.values(), ids=CASES.keys())
 def test_bad_input_exits_2_with_a_clear_message_and_its_dry_run_identically(tmp_path, args, message):
     """Every refusal, asked of the run and of its dry run: the plan of a run that would be refused is worth nothing,
@@ -102,6 +126,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_its_dry_run_identically(tmp_
     assert not (tmp_path / "outputs").exists(), "nothing may be written for bad input"
 
 
+@pytest.mark.slow  # the demo run it needs takes a minute
 def test_eval_of_a_run_with_other_model_settings_is_refused(demo_run, tmp_path):
     result = run_cli("stage=eval", f"parent_run={demo_run['dir'] / '2-dpo'}", "model=tiny_mistral", cwd=tmp_path)
     assert result.returncode == 2
@@ -109,6 +134,7 @@ def test_eval_of_a_run_with_other_model_settings_is_refused(demo_run, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow  # the demo run it needs takes a minute
 def test_finished_run_dir_is_never_overwritten(demo_run, tmp_path):
     chain_dir = demo_run["dir"]
     before = {p: p.stat().st_mtime_ns for p in chain_dir.rglob("*") if p.is_file()}
@@ -119,6 +145,7 @@ def test_finished_run_dir_is_never_overwritten(demo_run, tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in chain_dir.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # the demo run it needs takes a minute
 def test_resume_of_a_finished_run_is_refused(demo_run, tmp_path):
     result = run_cli("stage=sft", f"run_dir={demo_run['dir'] / '1-sft'}", "resume=true", cwd=tmp_path)
     assert result.returncode == 2 and "finished" in result.stderr
@@ -162,6 +189,7 @@ UNIMPORTABLE = {
 
 
 @pytest.mark.parametrize("args, package, error, expected", UNIMPORTABLE.values(), ids=UNIMPORTABLE.keys())
+@pytest.mark.slow
 @pytest.mark.parametrize("dry_run", ["false", "true"])
 def test_unimportable_optional_package_exits_2(tmp_path, args, package, error, expected, dry_run):
     result = run_cli(*args, f"dry_run={dry_run}", cwd=tmp_path, env=_unimportable(tmp_path, package, error))

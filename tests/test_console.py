@@ -54,6 +54,7 @@ def test_visible_lines_catch_a_log_line_written_through_a_bar():
     assert BAR.search(line) and STEP_LINE.search(line)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pseudo-terminal")
 def test_on_a_terminal_log_lines_print_above_the_bars(tmp_path):
     """A real pseudo-terminal (util-linux `script`, 120 columns): training, reference precompute and evaluation

@@ -62,7 +62,7 @@ BAD_SOURCE_IDS = ["missing path", "not a model dir", "adapter dir", "not a causa
 
 
 @pytest.mark.parametrize("case", BAD_SOURCE_IDS)
-@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("dry_run", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_bad_model_source_exits_2_before_anything_is_written(tmp_path, twin_checkpoint, case, dry_run):
     models = tmp_path / "models"
     models.mkdir()

@@ -168,7 +168,7 @@ def test_twins_are_the_real_classes_with_their_own_layouts(twins):
 # ---------------------------------------------------------------------------------------------------------------
 # Dry runs: the checkpoint's own class is counted, nothing is written.
 
-@pytest.mark.parametrize("model_type", TRAINED)
+@pytest.mark.parametrize("model_type", [TRAINED[0], *(pytest.param(t, marks=pytest.mark.slow) for t in TRAINED[1:])])
 def test_dry_run_counts_the_checkpoints_own_class_and_writes_nothing(twins, tmp_path, model_type):
     directory = twins[model_type]
     result = dry_run(directory, tmp_path / "cwd")  # the default command: the demo chain, SFT then DPO

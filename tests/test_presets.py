@@ -25,16 +25,21 @@ def test_every_preset_is_in_the_experiment_group():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_composes_validates_and_dry_runs_without_downloads(preset, tmp_path, planning):
+def test_preset_composes_and_validates(preset, planning):
+    validate(compose_run_config([f"experiment={preset}", "dry_run=true"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_dry_runs_without_downloads(preset, tmp_path, planning):
     """Planning a hub model's run needs nothing downloaded (composition reads only the local cache); a dry run is
     checked as its run, so it is planned as a run that may download (HF_HUB_OFFLINE unset), as on a login node."""
-    cfg = compose_run_config([f"experiment={preset}", "dry_run=true"])
-    validate(cfg)
     result = run_cli(f"experiment={preset}", "dry_run=true", cwd=tmp_path, env=planning)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "memory plan per device" in result.stdout and "dry run: nothing was loaded" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_hub_preset_is_refused_offline_by_its_dry_run_as_by_its_run(tmp_path):
     for dry in ("dry_run=true", "dry_run=false"):
         result = run_cli("experiment=zephyr_dsft_paper", dry, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
