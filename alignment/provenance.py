@@ -23,7 +23,6 @@ RECORDED_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "data
                      "bitsandbytes", "hydra-core", "wandb")
 
 
-@lru_cache(maxsize=1)
 def versions() -> dict[str, str | None]:
     """The project's and the stack's versions (None: not installed)."""
     found: dict[str, str | None] = {"alignment": __version__, "python": platform.python_version()}
@@ -32,6 +31,9 @@ def versions() -> dict[str, str | None]:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
+    torch = sys.modules.get("torch")
+    if torch is not None:  # its own string names the build (2.15.0+cu132, 2.13.0+cpu); the metadata does not
+        found["torch"] = torch.__version__
     return found
 
 

@@ -41,10 +41,14 @@ def test_run_dir_records_command_versions_and_commit(tiny_run):
         assert versions[package], package
     import torch
 
-    assert versions["torch"] == torch.__version__
+    assert versions["torch"] == torch.__version__  # the build's own string (+cpu, +cu132), not only the release
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0:  # a checkout: its commit, and whether the tree had uncommitted changes
+    imported = subprocess.run([sys.executable, "-c", "import alignment; print(alignment.__file__)"], cwd=tiny_run,
+                              capture_output=True, text=True).stdout.strip()
+    if head.returncode == 0 and Path(imported).is_relative_to(REPO):  # run from a checkout: its commit
         assert summary["project_commit"]["commit"] == head.stdout.strip()
+    else:  # an installed wheel has no commit to record
+        assert summary["project_commit"] is None
     assert yaml.safe_load((tiny_run / "config.yaml").read_text())["overrides"] == [*TINY_SFT, "run_dir=first"]
     assert "hf_secretvalue12345" not in "".join(p.read_text(errors="ignore") for p in tiny_run.rglob("*")
                                                  if p.is_file() and p.suffix in (".json", ".yaml", ".log", ".md"))
