@@ -22,7 +22,7 @@ pip install -q torch==2.13.0
 pip install -q "$WHEEL"
 mkdir "$WORK/elsewhere" && cd "$WORK/elsewhere"  # nothing of the repository on the path
 python -c "import alignment, sys; assert '$REPO' not in alignment.__file__, alignment.__file__; print('alignment from', alignment.__file__)"
-alignment --help | head -3
+alignment --help > help.txt && head -3 help.txt  # (a pipe into head would break alignment's output early)
 # A dry run plans a run that would download its model and data: HF_HUB_OFFLINE unset (nothing is fetched).
 env -u HF_HUB_OFFLINE alignment experiment=qwen72b_qlora_dpo dry_run=true | tail -4
 alignment | tail -3
