@@ -37,7 +37,8 @@ def lower_bounds(extras: list[str]) -> list[str]:
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     lows: dict[str, str] = {}
-    for requirement in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:
+    runtime_extras = [e for e in extras if e != "dev"]  # test tools float: they are not what users install
+    for requirement in project["dependencies"] + [r for e in runtime_extras for r in project["optional-dependencies"][e]]:
         match = re.match(r"^([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)", requirement)
         if match and (match.group(1) not in lows or Version(match.group(2)) > Version(lows[match.group(1)])):
             lows[match.group(1)] = match.group(2)
