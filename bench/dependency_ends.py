@@ -30,19 +30,24 @@ STACK = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "toke
          "gguf"]
 
 
-def lower_bounds(extras: list[str]) -> list[str]:
-    """`name==lower` for every dependency (and those of the extras) that states a lower bound; where an extra
-    raises a core bound (smol: transformers), the higher one."""
-    from packaging.version import Version
-
+def lowest_set(scratch: Path, extras: list[str]) -> list[str]:
+    """The lowest versions of our runtime dependencies that resolve together (uv's `--resolution lowest-direct`,
+    which is what pip lacks): for the core extras exactly the lower bounds pyproject.toml states; with `smol`, whose
+    transformers bound drags tokenizers and huggingface_hub up with it, the lowest that fit it."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    lows: dict[str, str] = {}
     runtime_extras = [e for e in extras if e != "dev"]  # test tools float: they are not what users install
-    for requirement in project["dependencies"] + [r for e in runtime_extras for r in project["optional-dependencies"][e]]:
-        match = re.match(r"^([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)", requirement)
-        if match and (match.group(1) not in lows or Version(match.group(2)) > Version(lows[match.group(1)])):
-            lows[match.group(1)] = match.group(2)
-    return [f"{name}=={low}" for name, low in lows.items()]
+    requirements = project["dependencies"] + [r for e in runtime_extras for r in project["optional-dependencies"][e]]
+    names = {re.match(r"^([A-Za-z0-9_.\-]+)", r).group(1).lower().replace("_", "-") for r in requirements}
+    uv_venv = scratch / "uv-venv"
+    if not uv_venv.exists():
+        sh([sys.executable, "-m", "venv", str(uv_venv)], check=True)
+        sh([str(uv_venv / "bin" / "pip"), "install", "-q", "uv"], check=True)
+    source = scratch / f"requirements-{'-'.join(runtime_extras) or 'core'}.in"
+    source.write_text("\n".join(requirements) + "\n")
+    resolved = subprocess.run([str(uv_venv / "bin" / "uv"), "pip", "compile", str(source), "--resolution",
+                               "lowest-direct", "--python-version", "3.11", "--no-header", "--no-annotate", "-q"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    return [pin for pin in resolved if pin.split("==")[0].lower() in names]
 
 
 def sh(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -65,7 +70,7 @@ def prepare(end: str, scratch: Path, wheel: Path) -> Path:
     target = f"{wheel}[{','.join(extras)}]"
     if end.startswith("min"):
         constraints = scratch / f"{end}-constraints.txt"
-        constraints.write_text("\n".join(lower_bounds(extras)) + "\n")
+        constraints.write_text("\n".join(lowest_set(scratch, extras)) + "\n")
         print(constraints.read_text())
         sh([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), target], env=env, check=True)
     else:

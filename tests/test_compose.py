@@ -13,7 +13,7 @@ from alignment.data import data_format
 from alignment.plan import parameter_count
 from alignment.validation import validate
 
-from .conftest import run_cli
+from .conftest import run_cli, skip_without_the_real_model
 
 
 def _combinations():
@@ -36,6 +36,7 @@ _FAST_MODELS = ("tiny_qwen2", "qwen72b")
                                     for c in _combinations()],
                          ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_every_combination_composes(choice, planning):
+    skip_without_the_real_model(choice["model"])
     overrides = [f"{group}={option}" for group, option in choice.items()] + ["dry_run=true"]
     cfg = compose_run_config(overrides)
     assert isinstance(cfg, RunConfig)
@@ -50,6 +51,7 @@ def test_every_combination_composes(choice, planning):
 @pytest.mark.parametrize("backend", group_options("backend"))
 @pytest.mark.parametrize("model", group_options("model"))
 def test_every_backend_composes_and_validates_for_every_model(backend, model, planning):
+    skip_without_the_real_model(model)
     for stage in ("sft", "dpo"):
         cfg = compose_run_config([f"backend={backend}", f"model={model}", f"stage={stage}", "dry_run=true"])
         assert cfg.backend.name == backend
