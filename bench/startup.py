@@ -39,6 +39,8 @@ def run_once(tree: Path, args: list[str], env: dict) -> tuple[float, float | Non
     outputs = Path(tempfile.mkdtemp(prefix="startup-"))
     started = time.perf_counter()
     run_dir = [] if args is COMMANDS["help"] else [f"run_dir={outputs}/run"]
+    if args is COMMANDS["dry run"]:  # planned as a run that may download (a dry run is checked as its run)
+        env = {**env, "HF_HUB_OFFLINE": "0"}
     result = subprocess.run([sys.executable, "-m", "alignment", *args, *run_dir],
                             cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started

@@ -7,7 +7,8 @@ import pytest
 from .conftest import run_cli
 
 
-@pytest.mark.parametrize("model, params", [("qwen72b", "72,706,203,648"), ("mistral7b", "7,241,732,096")])
+@pytest.mark.parametrize("model, params", [("qwen72b", "72,706,203,648"),
+                                           pytest.param("mistral7b", "7,241,732,096", marks=pytest.mark.slow)])
 def test_dry_run_of_big_models_needs_no_download(tmp_path, model, params, planning):
     """Planned as a run that would download (this machine has no route to the hub: a download attempt would fail)."""
     result = run_cli(f"model={model}", "stage=dpo", "dry_run=true", cwd=tmp_path, env=planning)

@@ -100,6 +100,7 @@ def _fake_tool(folder: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+@pytest.mark.slow  # a CLI dry run (~5 s); the fast tier keeps one of each kind
 def test_sbatch_script_runs_one_launching_process_per_node_with_slurms_rank_and_address(tmp_path, planning):
     """launchers/slurm.sbatch under fake srun/scontrol on node 1 of a 2-node job; dry_run shows the launch."""
     bin_dir = tmp_path / "bin"
@@ -129,6 +130,7 @@ def test_submitit_launcher_sends_each_member_as_one_job_with_one_task_per_node()
     assert launcher.nodes == 2 and launcher.tasks_per_node == 1 and launcher.gpus_per_node == 8
 
 
+@pytest.mark.slow  # a CLI dry run (~5 s); the fast tier keeps one of each kind
 def test_dry_run_shows_the_plan_for_the_backend_and_the_launch_command(tmp_path, planning):
     result = run_cli("stage=dpo", "model=qwen72b", "backend=fsdp", "peft=qlora", "launcher.num_processes=2",
                      "stage.per_device_train_batch_size=1", "dry_run=true", cwd=tmp_path, env=planning)

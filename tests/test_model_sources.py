@@ -76,6 +76,7 @@ def test_a_bad_model_source_exits_2_before_anything_is_written(tmp_path, twin_ch
     assert not (cwd / "outputs").exists(), "nothing may be written for bad input"
 
 
+@pytest.mark.slow  # a CLI dry run (~5 s); the fast tier keeps one of each kind
 def test_any_preset_given_a_checkpoint_plans_that_checkpoint_never_the_twin(tmp_path, twin_checkpoint):
     """tiny_mistral is a twin preset: given the user's Qwen2 checkpoint, the dry run plans the checkpoint."""
     result = run_cli("model=tiny_mistral", f"model.name_or_path={twin_checkpoint}", "stage=sft", "dry_run=true",
@@ -99,6 +100,7 @@ def test_a_twin_preset_given_a_checkpoint_trains_that_checkpoint(tmp_path, twin_
     assert summary["lineage"]["base_model"] == str(twin_checkpoint)
 
 
+@pytest.mark.slow  # a CLI dry run (~5 s); the fast tier keeps one of each kind
 def test_user_config_dir_dry_run_uses_its_model_dataset_and_experiment(tmp_path):
     result = run_cli("-cd", str(EXAMPLE_CONFIG), "experiment=my_dpo", "dry_run=true", cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]

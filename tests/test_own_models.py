@@ -182,6 +182,7 @@ def test_dry_run_counts_the_checkpoints_own_class_and_writes_nothing(twins, tmp_
     assert f"model_type: {model_type}" in result.stdout and "tiny: false" in result.stdout
 
 
+@pytest.mark.slow  # a CLI dry run (~5 s); the fast tier keeps one of each kind
 def test_a_layout_the_planner_does_not_model_is_planned_without_activations(twins, tmp_path):
     directory = twins["gemma2"]
     result = dry_run(directory, tmp_path / "cwd", "stage=sft")
@@ -192,6 +193,7 @@ def test_a_layout_the_planner_does_not_model_is_planned_without_activations(twin
     assert "activations are not modelled for gemma2 decoder layers" in result.stdout
 
 
+@pytest.mark.slow  # a CLI dry run (~5 s); the fast tier keeps one of each kind
 def test_a_gpt2_checkpoint_dry_runs_with_activations_not_modelled(twins, tmp_path):
     directory = twins["gpt2"]
     result = dry_run(directory, tmp_path / "cwd", "stage=sft")

@@ -56,6 +56,7 @@ def test_seed_000_72b_qlora_dpo_with_adapter_copy_fits_on_2_h100s(backend):
     assert not full.fits
 
 
+@pytest.mark.slow  # a CLI dry run (~5 s); the fast tier keeps one of each kind
 def test_dry_run_prints_the_plan_and_the_backends_it_would_fit(tmp_path, planning):
     result = run_cli("model=qwen72b", "stage=dpo", "peft=qlora", "stage.per_device_train_batch_size=1", "backend=fsdp",
                      "stage.max_length=512", "stage.max_prompt_length=256", "launcher.num_processes=2", "dry_run=true",
