@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import yaml
+from hydra.errors import HydraException
 
 from .compose import cli_overrides, compose_run_config, link_overrides, sweep_members
-from .config import as_dict
+from .config import ConfigError, as_dict
 from .rerun import expand_rerun
 from .secrets import redact
 
@@ -39,7 +40,10 @@ def job_config_text(argv: list[str]) -> str:
     """`--cfg job`: the YAML of every stage the command runs, in order, as config.yaml will record it."""
     rest = [a for i, a in enumerate(argv) if a not in _CFG_FLAGS and not (i and argv[i - 1] in _CFG_FLAGS)]
     overrides = cli_overrides(rest) or []
-    members = sweep_members(overrides)
+    try:
+        members = sweep_members(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the command line: {err}") from None
     documents = []
     for number, member in enumerate(members):
         cfg = compose_run_config(member)
