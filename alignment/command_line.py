@@ -11,7 +11,7 @@ from __future__ import annotations
 import yaml
 from hydra.errors import HydraException
 
-from .compose import cli_overrides, compose_run_config, link_overrides, sweep_members
+from .compose import cli_overrides, member_stages, sweep_members
 from .config import ConfigError, as_dict
 from .rerun import expand_rerun
 from .secrets import redact
@@ -46,13 +46,11 @@ def job_config_text(argv: list[str]) -> str:
         raise ConfigError(f"cannot parse the command line: {err}") from None
     documents = []
     for number, member in enumerate(members):
-        cfg = compose_run_config(member)
-        links = link_overrides(cfg, member)
-        configs = [compose_run_config(link) for link in links] if links else [cfg]
+        configs, chained = member_stages(member)
         for index, link_cfg in enumerate(configs, start=1):
             where = f"sweep member {number}: " if len(members) > 1 else ""
-            where += f"chain link {index}/{len(configs)}: " if links else ""
-            parent = " (parent_run: the previous link's run dir)" if links and index > 1 else ""
+            where += f"chain link {index}/{len(configs)}: " if chained else ""
+            parent = " (parent_run: the previous link's run dir)" if chained and index > 1 else ""
             documents.append(f"# {where}stage {link_cfg.stage.name}{parent}\n"
                              + yaml.safe_dump(redact(as_dict(link_cfg)), sort_keys=False))
     return "---\n".join(documents)

@@ -23,7 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import PACKAGE_DIR, ConfigError, RunConfig, flatten, stage_chosen, to_run_config, with_overrides
+from .config import (PACKAGE_DIR, ConfigError, RunConfig, flatten, override_key, stage_chosen, to_run_config,
+                     with_overrides)
 from .validation import validate
 
 
@@ -202,8 +203,8 @@ def link_overrides(cfg: RunConfig, user_overrides: list[str]) -> list[list[str]]
         return []
     # A link naming its own preset (experiment=zephyr_dsft_paper) keeps it: the user's experiment= chose the chain.
     def for_link(link) -> list[str]:
-        presets = any(o.split("=", 1)[0].lstrip("+~") == "experiment" for o in link)
-        return [o for o in user_overrides if not (presets and o.split("=", 1)[0].lstrip("+~") == "experiment")]
+        presets = any(override_key(o) == "experiment" for o in link)
+        return [o for o in user_overrides if not (presets and override_key(o) == "experiment")]
 
     return [[*link, *for_link(link), "chain=[]"] for link in cfg.chain]
 
@@ -230,16 +231,15 @@ def preflight(argv: list[str]) -> list[RunConfig] | None:
     return configs
 
 
-def _preflight_member(member: list[str]) -> list[RunConfig]:
+def member_stages(member: list[str]) -> tuple[list[RunConfig], bool]:
+    """The composed config of every stage one member runs (its chain's links, or itself), and whether it chains."""
     cfg = compose_run_config(member)
     links = link_overrides(cfg, member)
-    if not links:
-        validate(cfg)
-        return [cfg]
-    previous, configs = None, []
-    for link in links:
-        link_cfg = compose_run_config(link)
-        validate(link_cfg, previous=previous)
-        configs.append(link_cfg)
-        previous = link_cfg
+    return ([compose_run_config(link) for link in links], True) if links else ([cfg], False)
+
+
+def _preflight_member(member: list[str]) -> list[RunConfig]:
+    configs, _ = member_stages(member)
+    for index, cfg in enumerate(configs):
+        validate(cfg, previous=configs[index - 1] if index > 0 else None)
     return configs

@@ -419,6 +419,11 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return freeze(run_config)
 
 
+def override_key(override: str) -> str:
+    """The key an override sets, without Hydra's +/~ prefixes: `+stage.packing=true` → `stage.packing`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def stage_chosen(overrides: list[str]) -> bool:
     """`stage=...` on the command line means: run that stage alone, even if the experiment chains stages."""
     return any(o.split("=", 1)[0].lstrip("+") == "stage" for o in overrides)

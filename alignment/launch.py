@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from .backends import accelerate_config, deepspeed_config
-from .config import ConfigError, RunConfig, freeze
+from .config import ConfigError, RunConfig, freeze, override_key
 from .ranks import LAUNCH_STARTED, LAUNCHED_RUN_DIR, launched_run_dir
 from .secrets import redact_text
 
@@ -180,7 +180,7 @@ def launch_files(run_dir: Path) -> LaunchFiles:
 def rank_overrides(user_overrides: list[str], cfg: RunConfig) -> list[str]:
     """The user's overrides, with the run dir and the process count fixed for every rank."""
     fixed = ("run_dir", "launcher.num_processes", "dry_run")
-    kept = [o for o in user_overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]
+    kept = [o for o in user_overrides if override_key(o) not in fixed]
     # Quoted: Hydra's override grammar would read '=' or ',' in a path as syntax.
     return [*kept, f"run_dir='{cfg.run_dir}'", f"launcher.num_processes={cfg.launcher.num_processes}"]
 

@@ -14,16 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, override_key
 from .secrets import MASK
 
 RERUN_KEY = "rerun"
 # Recorded settings that name the old run's place or mode: a rerun gets a fresh run dir and really trains.
 NOT_CARRIED = ("run_dir", "resume", "dry_run", "data_report")
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def recorded_command(run_dir: Path) -> tuple[list[str], list[str]]:
@@ -60,9 +56,9 @@ def expand_rerun(argv: list[str]) -> list[str]:
     run_dir = Path(reruns[0].split("=", 1)[1].strip("'\"")).expanduser().resolve()
     overrides, config_dirs = recorded_command(run_dir)
     rest = [a for a in argv if a != reruns[0]]
-    given = {_key(a) for a in rest if not a.startswith("-")}
-    carried = [o for o in overrides if _key(o) not in NOT_CARRIED and _key(o) not in given]
-    masked = [_key(o) for o in carried if MASK in o]
+    given = {override_key(a) for a in rest if not a.startswith("-")}
+    carried = [o for o in overrides if override_key(o) not in NOT_CARRIED and override_key(o) not in given]
+    masked = [override_key(o) for o in carried if MASK in o]
     if masked:
         raise ConfigError(f"rerun={run_dir}: the recorded value of {', '.join(masked)} is masked (a secret); give "
                           f"it again on the command line beside rerun=.")

@@ -88,7 +88,7 @@ def _check_local_splits(source: SourceConfig, location: Location) -> None:
     .jsonl whose first row lacks the schema's columns. Dry runs and runs get the same message."""
     path = Path(location.path)
     if location.kind == "split_files":
-        files = {p.stem: p for p in path.iterdir() if p.suffix in FILE_BUILDERS}
+        files = _split_files(path)
     elif location.kind == "saved_dict":
         files = {name: None for name in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])}
     elif location.kind == "file":
@@ -160,7 +160,7 @@ def load_split(source: SourceConfig, split: str):
     elif location.kind == "file":
         data = _load_file(source, Path(location.path))
     elif location.kind == "split_files":
-        files = {p.stem: p for p in Path(location.path).iterdir() if p.suffix in FILE_BUILDERS}
+        files = _split_files(Path(location.path))
         _require_split(source, split, sorted(files))
         data = _load_file(source, files[split])
     else:
@@ -195,6 +195,11 @@ def _load_hub(source: SourceConfig, split: str):
             f"Without network access, download it on a connected machine (`huggingface-cli download --repo-type "
             f"dataset {source.path} --local-dir data/{name}`) and set the source's path=data/{name}, or point it "
             f"at a .jsonl/.parquet file.") from None
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    """A directory of `<split>.jsonl|.json|.parquet` files, by split name."""
+    return {p.stem: p for p in directory.iterdir() if p.suffix in FILE_BUILDERS}
 
 
 def _require_split(source: SourceConfig, split: str, available: list[str]) -> None:
