@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .builds import build_once
+from .cache import publish_once, sha256
 from .checkpoint import ModelSource
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,10 @@ def converted_dir(source: ModelSource) -> Path | None:
     """The converted checkpoint of this GGUF file when it has been built, else None."""
     if not (Path(source.reference) / source.gguf_file).is_file():
         return None
+    from .cache import MANIFEST
+
     target = converted_dir_for(source)
-    return target if (target / "config.json").exists() else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return target if (target / MANIFEST).exists() else None
 
 
 def ensure_converted(source: ModelSource) -> Path:
@@ -79,9 +73,9 @@ def ensure_converted(source: ModelSource) -> Path:
         model.save_pretrained(staging)
         AutoTokenizer.from_pretrained(source.reference, gguf_file=source.gguf_file).save_pretrained(staging)
         (staging / ORIGIN_FILE).write_text(json.dumps(
-            {"gguf_file": str(gguf_path), "sha256": _sha256(gguf_path), "bytes": gguf_path.stat().st_size}, indent=2))
+            {"gguf_file": str(gguf_path), "sha256": sha256(gguf_path), "bytes": gguf_path.stat().st_size}, indent=2))
 
-    build_once(target, convert)
+    publish_once(target, convert, "converted GGUF checkpoint")
     from .checkpoint import forget_read_configs
 
     forget_read_configs()  # the config is now read from the converted dir

@@ -3,8 +3,7 @@
 A twin is built from the model config's `architecture` facts (the same fields that describe the real
 7B/72B checkpoints), so the code path that trains it is the one that trains the real model. Builds are
 cached under `$ALIGNMENT_CACHE` (default `~/.cache/alignment`) in a directory named by a fingerprint of
-everything that determines the weights and tokenizer, and written to a temporary directory that is
-renamed into place only when complete, so an interrupted build is never reused.
+everything that determines the weights and tokenizer, published once and verified (alignment/cache.py).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from .builds import build_once
+from .cache import publish_once
 from .config import FIXTURES_DIR, ModelConfig, as_dict
 from .templates import CHATML_TEMPLATE
 
@@ -117,18 +116,13 @@ def build_model(model: ModelConfig, tokenizer, seed: int):
 
 
 def ensure_tiny_model(model: ModelConfig, seed: int) -> Path:
-    """Return the directory of the tiny twin for this config and seed, building it on first use."""
-    target = tiny_model_dir(model, seed)
-    if (target / "config.json").exists():
-        return target
-    log.info("building tiny twin %s (seed %d) into %s", model.name, seed, target)
-    tokenizer = build_tokenizer(
-        model.architecture.vocab_size, model.tokenizer.padding_side
-    )
-    network = build_model(model, tokenizer, seed)
+    """Return the directory of the tiny twin for this config and seed, built on first use (once, however many
+    runs start together) and verified against its manifest on every first use in a process."""
 
-    def save(staging: Path) -> None:
-        network.save_pretrained(staging)
+    def build(staging: Path) -> None:
+        log.info("building tiny twin %s (seed %d) into %s", model.name, seed, tiny_model_dir(model, seed))
+        tokenizer = build_tokenizer(model.architecture.vocab_size, model.tokenizer.padding_side)
+        build_model(model, tokenizer, seed).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
-    return build_once(target, save)
+    return publish_once(tiny_model_dir(model, seed), build, "tiny twin")

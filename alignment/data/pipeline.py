@@ -33,6 +33,7 @@ from .schemas import PROBLEM_KINDS, SCHEMAS, check_row, convert_row
 log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 1
+PRIVATE_DIR = "prepared_data"
 SOURCE = "__source"
 
 
@@ -41,6 +42,7 @@ class PreparedData:
     train: Any               # datasets.Dataset in TRL's conversational format
     eval: Any | None
     report: dict
+    location: Path | None = None  # the dir the splits are read from; TRL adds its derived files there
 
 
 def data_format(dataset: DatasetConfig) -> str:
@@ -163,7 +165,8 @@ def _lint_sample(train, rows: int) -> list[dict]:
     return train.select(range(0, len(train), step)[:rows]).to_list()
 
 
-def _build(cfg: RunConfig, tokenizer, target: Path) -> None:
+def _build(cfg: RunConfig, tokenizer, target: Path, key: str) -> None:
+    """Prepare the splits into `target` (a staging dir: publish_once renames it into the cache when complete)."""
     from datasets import concatenate_datasets
 
     started = time.perf_counter()
@@ -182,27 +185,13 @@ def _build(cfg: RunConfig, tokenizer, target: Path) -> None:
         raise ConfigError(f"no training rows left in {dataset.name} after checks and truncation: "
                           f"{describe_drops(processed)}. Raise stage.max_length or fix the data.")
     findings = linter.lint(tokenizer, _lint_sample(splits["train"], dataset.lint_rows), data_format(dataset))
-    report = build_report(cfg, processed, splits, linter.as_records(findings), target.name)
+    report = build_report(cfg, processed, splits, linter.as_records(findings), key)
     report["seconds"] = round(time.perf_counter() - started, 3)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        for role, data in splits.items():
-            if data is not None and len(data):
-                data.remove_columns([c for c in data.column_names if c.startswith("__")]).save_to_disk(
-                    str(staging / role))
-        (staging / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        if target.exists():  # dataset.cache=false rebuilds: replace the old entry
-            shutil.rmtree(target)
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "report.json").exists():
-            raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    for role, data in splits.items():
+        if data is not None and len(data):
+            data.remove_columns([c for c in data.column_names if c.startswith("__")]).save_to_disk(str(target / role))
+    (target / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def apply_lint_policy(report: dict, policy: str) -> None:
@@ -216,19 +205,40 @@ def apply_lint_policy(report: dict, policy: str) -> None:
                           "\nFix the template or data, or set dataset.lint=warn to train anyway.")
 
 
+def private_dir(cfg: RunConfig) -> Path:
+    """dataset.cache=false: the run's own copy, in its run dir (or a temporary dir for a run without one); the
+    shared cache is neither read nor touched."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir) / PRIVATE_DIR
+    return Path(tempfile.mkdtemp(prefix="alignment-data-"))
+
+
+def prepared_dir(cfg: RunConfig, tokenizer) -> Path:
+    """Where the stage's prepared splits are: the verified shared cache entry (built once, under its lock, by
+    whichever process gets there first), or with dataset.cache=false a fresh private copy."""
+    from ..cache import publish_once
+    from ..ranks import is_main_process
+
+    key = fingerprint(cfg, tokenizer)
+    if cfg.dataset.cache:
+        return publish_once(_cache_root() / key, lambda staging: _build(cfg, tokenizer, staging, key), "prepared data")
+    target = private_dir(cfg)
+    if is_main_process():  # the other ranks read what the main rank prepared (main_process_first)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        _build(cfg, tokenizer, target, key)
+        log.info("data: prepared afresh into %s (dataset.cache=false: the shared cache is not used)", target)
+    return target
+
+
 def prepare(cfg: RunConfig, tokenizer) -> PreparedData:
     """Checked, converted, length-fitted splits for the stage, from the cache when nothing changed."""
     from datasets import load_from_disk
 
-    key = fingerprint(cfg, tokenizer)
-    target = _cache_root() / key
-    if cfg.dataset.cache and (target / "report.json").exists():
-        log.info("data: prepared splits reused from %s", target)
-    else:
-        _build(cfg, tokenizer, target)
+    target = prepared_dir(cfg, tokenizer)
     report = json.loads((target / "report.json").read_text())
     apply_lint_policy(report, cfg.dataset.lint)
     train = load_from_disk(str(target / "train"))
     evaluation = load_from_disk(str(target / "eval")) if (target / "eval").exists() else None
     log.info("data: %s", report["summary"])
-    return PreparedData(train, evaluation, report)
+    return PreparedData(train, evaluation, report, target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -12,7 +13,7 @@ from ..batch import batch_plan
 from ..config import RunConfig
 from ..data import PreparedData, prepare
 from ..modeling import load_policy, load_tokenizer, lora_config, mixed_precision, uses_cuda
-from ..ranks import main_process_first
+from ..ranks import is_main_process, main_process_first
 from ..rundir import RunDir, write_json
 from ..start import StartingPoint
 from ..trackers import report_to
@@ -73,16 +74,29 @@ def prepare_data(cfg: RunConfig, run: RunDir, source) -> tuple[Any, PreparedData
     return tokenizer, data
 
 
-def _without_trl_card(trainer_class):
-    """The trainer class without TRL's draft model card, which it writes into checkpoints/ at every save (with hub
-    links to huggingface.co/None): the run's card is alignment.model_card's, in model/README.md."""
+def _our_trainer_class(trainer_class, prepared_data: Path | None):
+    """The TRL trainer class as runs use it.
 
-    class WithoutTrlCard(trainer_class):
+    - Without TRL's draft model card, which it writes into checkpoints/ at every save (with hub links to
+      huggingface.co/None): the run's card is alignment.model_card's, in model/README.md.
+    - Its tokenization (TRL's private `_prepare_dataset`, which `datasets` caches beside the prepared splits) runs
+      under the prepared-data entry's lock: one process tokenizes, concurrent runs wait and reuse, and a cached
+      tokenized file that fails verification is removed first, so it is tokenized again (alignment/cache.py).
+    """
+    from ..cache import adding_derived_files
+
+    class OurTrainer(trainer_class):
+        prepared_data_dir = prepared_data
+
         def create_model_card(self, *args, **kwargs) -> None:
             return None
 
-    WithoutTrlCard.__name__ = WithoutTrlCard.__qualname__ = trainer_class.__name__
-    return WithoutTrlCard
+        def _prepare_dataset(self, *args, **kwargs):
+            with adding_derived_files(self.prepared_data_dir, is_main_process(), "tokenized data"):
+                return super()._prepare_dataset(*args, **kwargs)
+
+    OurTrainer.__name__ = OurTrainer.__qualname__ = trainer_class.__name__
+    return OurTrainer
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, config_class, trainer_class,
@@ -96,7 +110,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
     model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
     arm_engine(cfg)
-    trainer = _without_trl_card(trainer_class)(
+    trainer = _our_trainer_class(trainer_class, data.location)(
         model=model,
         args=args,
         train_dataset=data.train,

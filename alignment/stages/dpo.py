@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 from ..config import RunConfig
 from ..modeling import load_model
@@ -40,11 +41,33 @@ def _trainer_class():
             keyed = copy.copy(dataset)
             keyed._fingerprint = precompute_key(self.data_key, name, self.run_config)
             before = self.reference_forward_batches
-            result = super()._precompute_ref_logps(keyed, name, batch_size)
+            result = self._precompute_under_lock(keyed, name, batch_size)
             cache_file = keyed._get_cache_file_path(Hasher.hash((keyed._fingerprint, self._precompute_model_hash)))
             reused = self.reference_forward_batches == before
             self.reference_caches[name] = cache_file
             log.info("reference log-probs for %s: %s %s", name, "reused from" if reused else "computed into", cache_file)
+            return result
+
+        def _precompute_under_lock(self, dataset, name, batch_size):
+            """TRL's precompute, with the prepared-data entry locked by the main process: a cached file that fails
+            verification is removed (and computed again), a new one is listed with its checksum, and concurrent
+            runs compute the same log-probs once. The other ranks wait until the main process has checked the
+            cache, so every rank sees the same file (or none) and all take part in the computation together."""
+            from ..cache import MANIFEST, check_derived, entry_lock, list_derived, record_build
+
+            entry = getattr(self, "prepared_data_dir", None)
+            if entry is None or not (entry / MANIFEST).exists():
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            if not self.accelerator.is_main_process:
+                self.accelerator.wait_for_everyone()
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            with entry_lock(entry):
+                check_derived(entry)
+                self.accelerator.wait_for_everyone()
+                started = time.perf_counter()
+                result = super()._precompute_ref_logps(dataset, name, batch_size)
+                for relative in list_derived(entry):
+                    record_build("reference log-probs", entry / relative, time.perf_counter() - started)
             return result
 
         def compute_ref_log_probs(self, model, inputs):
