@@ -18,7 +18,7 @@ from .console import bars_above_logs
 from .optional import hide_unused_stacks
 from .provenance import remember_command
 from .launch import adopt_external_launch
-from .ranks import LAUNCH_STARTED, started_by_external_launcher
+from .ranks import LAUNCH_STARTED, launched_run_dir, started_by_external_launcher
 from .sweep import current_sweep_name
 
 EXIT_BAD_INPUT = 2
@@ -36,6 +36,8 @@ def _hydra_entry(composed) -> None:
     from .launch import LaunchFailed
     from .runner import run, run_member  # imported here so that bad input is refused before torch/transformers load
 
+    from .preemption import EXIT_INTERRUPTED, Interrupted
+
     overrides = list(hydra_config.overrides.task)
     try:
         cfg = with_overrides(to_run_config(composed), overrides)
@@ -45,6 +47,9 @@ def _hydra_entry(composed) -> None:
             run(cfg, overrides)
     except ConfigError as err:
         _fail(err)
+    except Interrupted as err:  # SIGTERM/SIGINT: a checkpoint is written, the run dir says `interrupted`
+        print(f"alignment: interrupted: {err}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except LaunchFailed as err:
         print(f"alignment: error: {err}", file=sys.stderr)
         sys.exit(err.returncode)
@@ -68,6 +73,10 @@ def main() -> None:
     set_search_path(own or search_path())
     if search_path() and not own:
         sys.argv.append(search_path_override(search_path()))  # Hydra's own composition sees them too
+    if launched_run_dir() is not None or started_by_external_launcher():
+        from .preemption import die_with_parent
+
+        die_with_parent()  # a rank never trains on after its launcher is gone (it gets SIGTERM: checkpoint, exit)
     if started_by_external_launcher():  # `accelerate launch --config_file <run>/launch/accelerate.yaml -m alignment`
         try:
             adopt_external_launch(cli_overrides(sys.argv[1:]) or [])

@@ -265,6 +265,13 @@ class TrackerConfig(_Frozen):
 
 
 @dataclass
+class PreemptionConfig(_Frozen):
+    # SIGTERM/SIGINT: how long after the signal a checkpoint may take before the process exits anyway. Below
+    # SLURM's default KillWait (30 s), after which SIGKILL follows; raise it with sbatch --signal=B:TERM@<s>.
+    grace_s: float = 25.0
+
+
+@dataclass
 class DiagnosticsConfig(_Frozen):
     """Training-health alarms (alignment/diagnostics.py), from seed 000's guide to DPO logs."""
 
@@ -276,6 +283,11 @@ class DiagnosticsConfig(_Frozen):
     grad_norm_high: float = 1.0e3    # grad_norm above this = exploding
     accuracy_band: float = 0.1       # |mean rewards/accuracies - 0.5| below this = coin flip
     sinking_ratio: float = 0.85      # chosen reward fell at least this share of the rejected one's fall
+    # Collapse (the run fails): the last `window` grad_norm values all at or below collapse_grad_norm, after an
+    # earlier one above grad_norm_low (gradients flowed, then died), with the loss still at or above
+    # collapse_loss_ratio × its first value (nothing learned).
+    collapse_grad_norm: float = 1.0e-10
+    collapse_loss_ratio: float = 0.9
 
 
 @dataclass
@@ -309,6 +321,10 @@ class JudgeConfig(_Frozen):
     timeout_s: float = 60.0          # http: per request
     max_tokens: int = 1024           # http: the judge's answer budget (it explains, then gives the verdict)
     both_orders: bool = True         # http: ask with the answers in both positions; disagreeing verdicts tie
+    max_retries: int = 5             # http: retries of one request after a 408/429/5xx, a timeout or a lost connection
+    concurrency: int = 4             # http: pairs judged at once (a bounded thread pool)
+    backoff_s: float = 1.0           # http: first wait before a retry, doubled each retry, jittered (x0.5..1)
+    backoff_max_s: float = 60.0      # http: cap on one wait, a server's Retry-After included
 
 
 @dataclass
@@ -343,6 +359,7 @@ class RunConfig(_Frozen):
     ref: RefConfig = field(default_factory=RefConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment: Optional[str] = None
@@ -388,6 +405,11 @@ def _register_resolvers() -> None:
         from .sources import package_file
 
         OmegaConf.register_new_resolver("package_file", package_file)
+    if not OmegaConf.has_resolver("secret"):
+        from .secrets import secret_interpolation
+
+        # `${secret:NAME}`: the value of the environment variable NAME, never written (alignment/secrets.py).
+        OmegaConf.register_new_resolver("secret", secret_interpolation)
     if not OmegaConf.has_resolver("sweep_name"):
         from .sweep import current_sweep_name
 
@@ -415,6 +437,11 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
             f"or pick a config group option that provides it."
         ) from None
     except OmegaConfBaseException as err:
+        inner: BaseException | None = err  # a resolver's own message (`${secret:NAME}` unset), as one line
+        while inner is not None and not isinstance(inner, ConfigError):
+            inner = inner.__cause__ or inner.__context__
+        if inner is not None:
+            raise ConfigError(str(inner)) from None
         raise ConfigError(f"invalid configuration at {err.full_key or '?'}: {err.msg}") from None
     return freeze(run_config)
 

@@ -31,7 +31,7 @@ from .secrets import redact
 OUTPUTS_ROOT = Path("outputs")
 CHECKPOINT_COMPLETE = "COMPLETE"
 # Keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE_KEYS = {"resume", "run_dir", "dry_run", "data_report", "overrides"}
+_RESUME_FREE_KEYS = {"resume", "run_dir", "dry_run", "data_report", "overrides", "preemption"}
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,15 @@ def read_summary(path: Path) -> dict[str, Any] | None:
 
 
 def is_finished(path: Path) -> bool:
+    """Everything the run was asked to do is done (with eval.after_training: its evaluation too)."""
     summary = read_summary(path)
     return bool(summary) and summary.get("status") == "finished"
+
+
+def has_model(path: Path) -> bool:
+    """The run trained and saved its model (status `trained` while its after-training evaluation is pending)."""
+    summary = read_summary(path)
+    return bool(summary) and summary.get("status") in ("finished", "trained")
 
 
 def check_run_dir(path: Path, resume: bool) -> None:
@@ -163,9 +170,12 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_config(run: RunDir, cfg: RunConfig) -> None:
+    """config.yaml, after a first summary.json: a dir that exists is a run that resume=true can continue."""
     if not is_main_process():
         return
     run.path.mkdir(parents=True, exist_ok=True)
+    if not run.summary.exists():
+        update_summary(run, status="created", run_dir=str(run.path))
     tmp = run.config.with_name(".config.yaml.tmp")
     tmp.write_text(yaml.safe_dump(masked_config(cfg), sort_keys=False))
     os.replace(tmp, run.config)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +28,16 @@ from .provenance import provenance
 from .launch import (LaunchFailed, is_secondary_machine, launch, launch_preview, needs_launch, resolve_launcher,
                      slurm_run_path)
 from .ranks import init_process_group, is_main_process, launched_run_dir, main_process_first, shutdown_process_group
-from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, is_finished,
+from .preemption import (Interrupted, StopAtStepBoundary, StopRequest, active_request, handling_signals,
+                         phase_boundary)
+from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, has_model, is_finished,
                      last_complete_checkpoint, new_run_path, newest_complete_checkpoint, read_summary, update_summary, write_config)
 from .stages import stage_module
 from .sweep import current_sweep_name, member_state, objective_value, record_member
 from .trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
 from .start import lineage, prepare_start, resolve_start
-from .tracking import (CheckpointMarker, MetricsWriter, attach_run_log, detach_run_log, format_table, read_metrics,
-                       train_records, truncate_metrics)
+from .tracking import (CheckpointMarker, MetricsWriter, TokenCount, attach_run_log, detach_run_log, format_table,
+                       read_metrics, train_records, truncate_metrics, whole_run_train_loss)
 from .validation import is_offline, validate
 
 log = logging.getLogger(__name__)
@@ -61,63 +65,128 @@ def batch_summary(cfg: RunConfig) -> dict[str, int]:
             "processes": plan.processes}
 
 
+def _resume_point(run: RunDir, cfg: RunConfig) -> Path | None:
+    """On resume: the checkpoint to continue from (None: from the start), with metrics.jsonl cut back to it."""
+    check_resume_matches(run, cfg)
+    if not run.config.exists():  # killed between creating the dir and writing its config
+        write_config(run, cfg)
+    resume_from = last_complete_checkpoint(run)
+    truncate_metrics(run.metrics, int(resume_from.name.split("-")[-1]) if resume_from else 0)
+    return resume_from
+
+
+def _segments(run: RunDir, resume_from: Path | None) -> list[dict[str, Any]]:
+    """The training segments so far (one per start or resume), with the one starting now appended."""
+    earlier = list((read_summary(run.path) or {}).get("segments") or []) if resume_from is not None else []
+    step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    return [*earlier, {"from_step": step, "started_at": _now()}]
+
+
+def _close_segment(run: RunDir, status: str, step: int | None, seconds: float) -> list[dict[str, Any]]:
+    segments = list((read_summary(run.path) or {}).get("segments") or [{}])
+    segments[-1] = {**segments[-1], "to_step": step, "ended_at": _now(), "seconds": round(seconds, 3),
+                    "status": status}
+    return segments
+
+
 def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
-    """Train one stage into cfg.run_dir; resume from its last complete checkpoint when cfg.resume is set."""
+    """Train one stage into cfg.run_dir; resume from its last complete checkpoint when cfg.resume is set.
+
+    With resume, a stage whose model is already saved is not trained again (what remains is its evaluation).
+    SIGTERM/SIGINT stop it at a step boundary with a checkpoint and raise Interrupted (alignment/preemption.py).
+    """
     run = RunDir(Path(cfg.run_dir))
+    if cfg.resume and has_model(run.path):
+        log.info("%s stage in %s: model already trained and saved; nothing to train", cfg.stage.name, run.path)
+        return StageOutcome(run=run, summary=read_summary(run.path) or {}, trainer=None)
     resume_from = None
     if cfg.resume and read_summary(run.path) is not None:
-        check_resume_matches(run, cfg)
-        resume_from = last_complete_checkpoint(run)
-        truncate_metrics(run.metrics, int(resume_from.name.split("-")[-1]) if resume_from else 0)
+        resume_from = _resume_point(run, cfg)
     else:
         write_config(run, cfg)
+    phase_boundary(f"{cfg.stage.name}:created")
     handler = attach_run_log(run) if is_main_process() else None
     diagnostics = Diagnostics(cfg.diagnostics, cfg.stage.name)
-    tracker = None
+    owned = active_request() is None  # a stage run on its own (tests, the API) handles signals for itself
+    stop = StopRequest(cfg.preemption.grace_s).install() if owned else active_request()
+    stop.on_timeout = lambda message: update_summary(run, status="interrupted", error=message, ended_at=_now(),
+                                                     last_complete_checkpoint=newest_complete_checkpoint(run))
+    stopper, tokens = StopAtStepBoundary(stop, cfg.stage.name), TokenCount()
+    tracker, started, trainer = None, time.perf_counter(), None
     try:
         with main_process_first():  # rank 0 merges a parent adapter or builds the tiny twin; the others reuse it
             start = prepare_start(cfg)
         update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
                        start_model=str(start.weights), parent_run=cfg.parent_run, lineage=lineage(cfg, start),
-                       batch=batch_summary(cfg),
+                       batch=batch_summary(cfg), segments=_segments(run, resume_from),
                        resumed_from=str(resume_from) if resume_from else None, **provenance())
         log.info("%s stage in %s, starting from %s %s", cfg.stage.name, run.path, start.kind,
                  start.adapter or start.weights)
         metrics_writer = MetricsWriter(run)
+        earlier = read_metrics(run.metrics)  # on resume: the steps before the checkpoint, for the diagnostics
+        diagnostics.records.extend(train_records(earlier))
         tracker_environment(cfg, run)
         tracker = start_tracker(cfg, run) if is_main_process() else None
         stage = stage_module(cfg.stage.name)
-        trainer = stage.build_trainer(cfg, run, start,
-                                      callbacks=[metrics_writer, CheckpointMarker(run), diagnostics, *callbacks])
+        trainer = stage.build_trainer(cfg, run, start, callbacks=[metrics_writer, CheckpointMarker(run), diagnostics,
+                                                                  tokens, stopper, *callbacks])
+        tokens.trainer = trainer
         # The implementation the loaded model uses (after any fallback), read back rather than recomputed.
         update_summary(run, attention=getattr(trainer.model.config, "_attn_implementation", None))
         if hasattr(stage, "reference_summary"):
             update_summary(run, reference=stage.reference_summary(trainer))
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        phase_boundary(f"{cfg.stage.name}:trained")
+        if stop.requested:  # stopped at a step boundary; the trainer saved a checkpoint there
+            raise Interrupted(stop.signal_name, stopper.stopped_at, newest_complete_checkpoint(run))
         update_summary(run, distributed=engine_report(trainer, cfg), timing=metrics_writer.timing)
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
         save_model(trainer, run.model)
+        phase_boundary(f"{cfg.stage.name}:saved")
     except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        update_summary(run, status=status, error=f"{type(err).__name__}: {err}", ended_at=_now(),
-                       diagnostics=diagnostics.summary(), last_complete_checkpoint=newest_complete_checkpoint(run))
-        log.error("%s stage %s in %s: %s", cfg.stage.name, status, run.path, err)
+        interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
+        status = "interrupted" if interrupted else "failed"
+        step = trainer.state.global_step if trainer is not None else None
+        update_summary(run, status=status, error=_one_line_error(err), ended_at=_now(),
+                       diagnostics=diagnostics.summary(), last_complete_checkpoint=newest_complete_checkpoint(run),
+                       segments=_close_segment(run, status, step, time.perf_counter() - started),
+                       **({"interrupted_at_step": step, "signal": getattr(err, "signal_name", "SIGINT")}
+                          if interrupted else {}))
+        log.error("%s stage %s in %s: %s", cfg.stage.name, status, run.path, _one_line_error(err))
         finish_tracker(tracker, failed=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise ConfigError(f"no space left on the device of {run.path} while writing the run ({err}). Its newest "
+                              f"complete checkpoint is intact: free space, then resume with resume=true "
+                              f"run_dir={run.path}.") from None
         raise
     finally:
+        stop.in_training_loop, stop.on_timeout = False, None
+        if owned:
+            stop.uninstall()
         if is_main_process():
             plot_run(read_metrics(run.metrics), run.plots, f"{cfg.stage.name} {run.path.name}")
         if handler is not None:
             detach_run_log(handler)
-    records = train_records(read_metrics(run.metrics))
+    records = read_metrics(run.metrics)
+    train = dict(metrics_writer.train_summary)
+    if resume_from is not None:  # the trainer's own numbers cover the resumed segment only
+        train.update(train_loss=whole_run_train_loss(records), resumed_segment_train_loss=train.get("train_loss"))
+    step = trainer.state.global_step
+    train_records_ = train_records(records)
     summary = update_summary(
-        run, status="finished", ended_at=_now(), model_path=str(run.model),
-        final_metrics=records[-1] if records else {}, eval_metrics=eval_metrics, train=metrics_writer.train_summary,
-        diagnostics=diagnostics.summary())
+        run, status="trained" if cfg.eval.after_training else "finished", ended_at=_now(), model_path=str(run.model),
+        final_metrics=train_records_[-1] if train_records_ else {}, eval_metrics=eval_metrics, train=train,
+        num_tokens=int(getattr(trainer, "_total_train_tokens", 0)) or None, diagnostics=diagnostics.summary(),
+        segments=_close_segment(run, "finished", step, time.perf_counter() - started))
     if is_main_process():
         write_model_card(cfg, run, summary)
     finish_tracker(tracker, failed=False)
     return StageOutcome(run=run, summary=summary, trainer=trainer)
+
+
+def _one_line_error(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:500]}" if text else type(err).__name__
 
 
 def report_data(cfg: RunConfig, previous: RunConfig | None = None) -> dict[str, Any]:
@@ -170,14 +239,18 @@ def run_chain(cfg: RunConfig, links: list[RunConfig], chain_dir: Path) -> list[S
         check_resume_matches(chain, cfg)
     else:
         write_config(chain, cfg)
+    phase_boundary("chain:created")
     update_summary(chain, status="running", kind="chain", started_at=_now(),
                    links=[{"stage": link.stage.name, "run_dir": link.run_dir} for link in links])
     try:
         outcomes = [run_stage(link) for link in pending]
     except BaseException as err:
-        update_summary(chain, status="failed", error=f"{type(err).__name__}: {err}", ended_at=_now())
+        status = "interrupted" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "failed"
+        update_summary(chain, status=status, error=_one_line_error(err), ended_at=_now())
         raise
-    update_summary(chain, status="finished", ended_at=_now())
+    # Finished once every link is, after-training evaluations included (run() marks it then).
+    update_summary(chain, status="finished" if all(is_finished(Path(link.run_dir)) for link in links) else "trained",
+                   ended_at=_now())
     return outcomes
 
 
@@ -229,15 +302,20 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
         print(f"\n{format_headline(report)}\n\nrun dir: {shown}")
         return path
     if needs_launch(cfg):
-        links = _launch(cfg, user_overrides, chained)
+        links = _launch(cfg, user_overrides, chained)  # forwards SIGTERM/SIGINT to the ranks
         if is_secondary_machine(cfg):
             return path  # machine 0 evaluates and reports for the whole job (the run dir is shared)
     elif launched_run_dir() is not None:
-        _train_as_rank(cfg, user_overrides, chained)
+        with handling_signals(cfg.preemption.grace_s):
+            _train_as_rank(cfg, user_overrides, chained)
         return path  # the launching parent evaluates and prints, not its ranks
     else:
-        links = _train(cfg, user_overrides, chained)
-    reports = [evaluate_after_training(link) for link in links if link.eval.after_training]
+        with handling_signals(cfg.preemption.grace_s):
+            links = _train(cfg, user_overrides, chained)
+    with handling_signals(cfg.preemption.grace_s):
+        reports = [evaluate_after_training(link) for link in links if link.eval.after_training]
+    if chained and all(is_finished(Path(link.run_dir)) for link in links):
+        update_summary(RunDir(path), status="finished", ended_at=_now())
     evaluated = "".join(f"\n\n{format_headline(r)}" for r in reports if r)
     print(f"\n{format_table(read_metrics(RunDir(Path(links[-1].run_dir)).metrics))}{evaluated}\n\nrun dir: {shown}")
     return path
@@ -246,17 +324,20 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
 def evaluate_after_training(cfg: RunConfig) -> dict[str, Any] | None:
     """eval.after_training: evaluate a finished stage in this (single, non-rank) process; rewrite its model card."""
     run = RunDir(Path(cfg.run_dir))
-    summary = read_summary(run.path) or {}
-    if summary.get("status") != "finished":
+    if not has_model(run.path):
         return None
+    summary = read_summary(run.path) or {}
     if (summary.get("evaluation") or {}).get("status") == "finished":  # a resumed chain skips what is done
-        return json.loads((run.path / EVAL_DIR / "report.json").read_text())
-    handler = attach_run_log(run)
-    try:
-        report = evaluate(cfg, run, subjects_of_run(run.path, cfg))
-    finally:
-        detach_run_log(handler)
-    write_model_card(cfg, run, read_summary(run.path))
+        report = json.loads((run.path / EVAL_DIR / "report.json").read_text())
+    else:
+        handler = attach_run_log(run)
+        try:
+            phase_boundary(f"{cfg.stage.name}:evaluating")
+            report = evaluate(cfg, run, subjects_of_run(run.path, cfg))
+        finally:
+            detach_run_log(handler)
+    phase_boundary(f"{cfg.stage.name}:evaluated")
+    write_model_card(cfg, run, update_summary(run, status="finished", ended_at=_now()))
     return report
 
 
@@ -322,7 +403,11 @@ def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> list[Ru
     try:
         launch(cfg, user_overrides, uses_cuda(cfg))
     except LaunchFailed:
-        if not secondary and (read_summary(path) or {}).get("status") in (None, "running"):
+        summary = read_summary(path) or {}
+        if summary.get("status") == "interrupted":  # the ranks stopped on a signal, with a checkpoint
+            raise Interrupted(summary.get("signal") or "a signal", summary.get("interrupted_at_step"),
+                              summary.get("last_complete_checkpoint")) from None
+        if not secondary and summary.get("status") in (None, "created", "running"):
             update_summary(RunDir(path), status="failed", ended_at=_now(),
                            error="a launched rank failed before the run finished; see run.log and the console")
         raise
@@ -345,6 +430,8 @@ def run_member(cfg: RunConfig, user_overrides: list[str], member_dir: Path, numb
     os.environ[SWEEP_GROUP_ENV], os.environ[MEMBER_LABEL_ENV] = current_sweep_name(), member_label(user_overrides)
     try:
         run(cfg, user_overrides, member_dir)
+    except Interrupted:
+        raise  # SIGTERM/SIGINT stops the sweep; the same command later resumes this member and runs the rest
     except Exception as err:  # ConfigError, a failed launch, NaN, OOM: this member fails, the sweep goes on
         log.error("sweep member %d (%s) failed: %s: %s", number, " ".join(user_overrides), type(err).__name__, err)
         if (read_summary(member_dir) or {}).get("status") != "failed":

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .console import StepClock, number
+from .preemption import phase_boundary
 from .ranks import LAUNCH_STARTED, is_main_process
 from .rundir import CHECKPOINT_COMPLETE, RunDir
 from .secrets import RedactingFilter
@@ -102,9 +103,50 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The logged records; a last line cut short by a killed process is left out (it is logged again on resume)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+    return records
+
+
+def whole_run_train_loss(records: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over every step of the run, from the logged records (each logged loss is the mean of
+    the steps since the previous record): what the trainer's train_loss is for a run never resumed."""
+    total, steps, previous = 0.0, 0, 0
+    for record in train_records(records):
+        if isinstance(record.get("loss"), (int, float)):
+            span = record["step"] - previous
+            total, steps = total + record["loss"] * span, steps + span
+        previous = record["step"]
+    return total / steps if steps else None
+
+
+class TokenCount(TrainerCallback):
+    """TRL's running token count (`num_tokens`) carried in the checkpoint, so a resumed run counts on from it.
+
+    TRL keeps the count in a private attribute that starts at 0 in every process; transformers' own
+    `num_input_tokens_seen` (unused unless include_num_input_tokens_seen is set) is saved with every checkpoint
+    and restored on resume, so the count rides in it. trl<2 is pinned; tests/test_preemption.py checks the count.
+    """
+
+    def __init__(self):
+        self.trainer = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is not None and hasattr(self.trainer, "_total_train_tokens"):
+            self.trainer._total_train_tokens = int(state.num_input_tokens_seen or 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer is not None and args.include_num_input_tokens_seen in ("no", False):
+            state.num_input_tokens_seen = int(getattr(self.trainer, "_total_train_tokens", 0))
 
 
 def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -120,7 +162,11 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not is_main_process():
         return
     kept = [r for r in read_metrics(path) if r["step"] <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    # A new file renamed over the old one: a process killed while writing it leaves the old history whole.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    phase_boundary("metrics_rewrite")
+    os.replace(tmp, path)
 
 
 def format_table(records: list[dict[str, Any]]) -> str:

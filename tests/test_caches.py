@@ -61,7 +61,7 @@ def test_runs_started_together_on_an_empty_cache_build_each_entry_once_and_match
     kinds = Counter(b["kind"] for b in _builds(tmp_path / "lone-cache"))
     assert {"tiny twin", "prepared data", "tokenized data", "reference log-probs"} <= kinds.keys(), kinds
 
-    for round_number, processes in enumerate([2, 3, 2, 3, 2, 3, 2, 3, 2, 3]):
+    for round_number, processes in enumerate([2, 3] * 5):
         where, shared = tmp_path / f"round{round_number}", tmp_path / f"cache{round_number}"
         where.mkdir()
         started = [_start(where / f"run{i}", shared) for i in range(processes)]
@@ -69,7 +69,10 @@ def test_runs_started_together_on_an_empty_cache_build_each_entry_once_and_match
         assert codes == [0] * processes, [(where / f"run{i}.console").read_text()[-3000:] for i in range(processes)]
         builds = Counter(b["entry"] for b in _builds(shared))
         assert builds and set(builds.values()) == {1}, f"round {round_number}: entries built more than once: {builds}"
-        assert Counter(b["kind"] for b in _builds(shared)) == kinds, "the same entries as the lone run, once each"
+        # TRL's filter after tokenizing hashes its whole DPOConfig (run dir included) into its datasets fingerprint,
+        # so each run adds its own small filtered index file; every other entry is the lone run's, built once.
+        shared_kinds = Counter(b["kind"] for b in _builds(shared) if b["kind"] != "tokenized data")
+        assert shared_kinds == Counter({k: n for k, n in kinds.items() if k != "tokenized data"})
         for i in range(processes):
             assert _same(_result(where / f"run{i}"), expected), f"round {round_number}, run {i} differs from the lone run"
         shutil.rmtree(shared)

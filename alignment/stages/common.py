@@ -13,6 +13,7 @@ from ..batch import batch_plan
 from ..config import RunConfig
 from ..data import PreparedData, prepare
 from ..modeling import load_policy, load_tokenizer, lora_config, mixed_precision, uses_cuda
+from ..preemption import phase_boundary
 from ..ranks import is_main_process, main_process_first
 from ..rundir import RunDir, write_json
 from ..start import StartingPoint
@@ -107,6 +108,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
     """
     with main_process_first():  # rank 0 fills the prepared-data cache; the other ranks then read it
         tokenizer, data = prepare_data(cfg, run, start.tokenizer)
+    phase_boundary(f"{cfg.stage.name}:data_prepared")
     model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
     arm_engine(cfg)
