@@ -165,29 +165,64 @@ def test_reward_model_judge_scores_with_a_sequence_classifier(tmp_path, tiny_tok
 # ----------------------------------------------------------------------------- HTTP judge against a local stub
 
 class _Stub:
-    """An OpenAI-compatible /v1/chat/completions on localhost whose behaviour each test chooses."""
+    """An OpenAI-compatible /v1/chat/completions on localhost whose behaviour each test chooses.
 
-    def __init__(self, mode: str):
-        self.mode, self.requests = mode, []
+    mode: what a successful answer says: "ok" (a verdict: the answer with the right sum wins), "malformed" (no
+    verdict), "garbage" (not JSON), "slow" (an "ok" answer after 2 s).
+    script: statuses every distinct request gets before its success, e.g. (429, 502); a 429 carries Retry-After.
+    fail_after: after this many requests in all, every request is answered fail_status (a server gone bad).
+    delay: seconds each request takes (to see concurrency). It counts requests, per body too, and the most in flight.
+    """
+
+    def __init__(self, mode: str = "ok", script=(), retry_after: str | None = "0.2", fail_after: int | None = None,
+                 fail_status: int = 502, delay: float = 0.0):
+        self.mode, self.script, self.retry_after = mode, tuple(script), retry_after
+        self.fail_after, self.fail_status, self.delay = fail_after, fail_status, delay
+        self.requests, self.seen, self.in_flight, self.max_in_flight = [], {}, 0, 0
+        self.lock = threading.Lock()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+
             def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                if stub.mode == "slow":
-                    time.sleep(2)
-                user = body["messages"][-1]["content"]
-                # The stub prefers the answer with the right sum, like a good judge would.
-                first = user.split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
-                verdict = "[[A]]" if "= 12." in first else "[[B]]"
-                text = {"ok": f"Assistant {verdict[2]} is correct. {verdict}", "malformed": "I cannot decide."}.get(
-                    stub.mode, "")
-                payload = {"choices": [{"message": {"role": "assistant", "content": text}}]}
-                data = (b"not json" if stub.mode == "garbage" else json.dumps(payload).encode())
-                self.send_response(200)
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw)
+                with stub.lock:
+                    stub.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                          "body": body, "at": time.monotonic()})
+                    tries = stub.seen[raw] = stub.seen.get(raw, 0) + 1
+                    count = len(stub.requests)
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+                try:
+                    time.sleep(2 if stub.mode == "slow" else stub.delay)
+                    if stub.fail_after is not None and count > stub.fail_after:
+                        return self.answer(stub.fail_status, stub.error_body(stub.fail_status))
+                    if tries <= len(stub.script):
+                        status = stub.script[tries - 1]
+                        extra = {"Retry-After": stub.retry_after} if status == 429 and stub.retry_after else {}
+                        return self.answer(status, stub.error_body(status), extra)
+                    user = body["messages"][-1]["content"]
+                    # The stub prefers the answer with the right sum, like a good judge would.
+                    first = user.split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
+                    verdict = "[[A]]" if "= 12." in first else "[[B]]"
+                    text = ("I cannot decide." if stub.mode == "malformed" else
+                            f"Assistant {verdict[2]} is correct. {verdict}")
+                    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": text}}]}
+                    self.answer(200, b"not json" if stub.mode == "garbage" else json.dumps(payload).encode())
+                finally:
+                    with stub.lock:
+                        stub.in_flight -= 1
+
+            def answer(self, status: int, data: bytes, extra: dict | None = None):
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (extra or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -196,7 +231,12 @@ class _Stub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def error_body(self, status: int) -> bytes:
+        # A careless server echoes the key it refused, as some do: it must not reach any file or message.
+        key = self.requests[-1]["headers"].get("authorization", "") if status == 401 else ""
+        return json.dumps({"error": {"message": f"stub error {status} {key}".strip(), "type": "stub"}}).encode()
 
     def close(self):
         self.server.shutdown()
@@ -207,8 +247,8 @@ class _Stub:
 def stub():
     servers = []
 
-    def start(mode: str) -> _Stub:
-        servers.append(_Stub(mode))
+    def start(mode: str = "ok", **behaviour) -> _Stub:
+        servers.append(_Stub(mode, **behaviour))
         return servers[-1]
 
     yield start
@@ -219,8 +259,9 @@ def stub():
 def _judge_settings(url: str, **extra):
     from alignment.config import JudgeConfig
 
-    return JudgeConfig(name="http", url=url, model="judge-stub", api_key_env="ALIGNMENT_TEST_JUDGE_KEY",
-                       timeout_s=extra.pop("timeout_s", 5.0), **extra)
+    fast = {"timeout_s": 5.0, "backoff_s": 0.01, "backoff_max_s": 0.5}  # tests wait milliseconds, not seconds
+    return JudgeConfig(name="http", url=url, **{"model": "judge-stub", "api_key_env": "ALIGNMENT_TEST_JUDGE_KEY",
+                                                **fast, **extra})
 
 
 def test_http_judge_sends_well_formed_requests_and_parses_verdicts(stub, monkeypatch):
@@ -232,9 +273,9 @@ def test_http_judge_sends_well_formed_requests_and_parses_verdicts(stub, monkeyp
     assert len(server.requests) == 2
     request = server.requests[0]
     assert request["path"] == "/v1/chat/completions"
-    assert request["headers"]["Authorization"] == "Bearer sk-test-judge-123"
+    assert request["headers"]["authorization"] == "Bearer sk-test-judge-123"
     body = request["body"]
-    assert body["model"] == "judge-stub" and body["temperature"] == 0
+    assert body["model"] == "judge-stub" and body["temperature"] == 0 and body["max_tokens"] == 1024
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
     assert "What is 7 + 5?" in body["messages"][1]["content"]
     # The second request swaps the positions.
@@ -247,16 +288,185 @@ def test_http_judge_sends_well_formed_requests_and_parses_verdicts(stub, monkeyp
                                            ("slow", "did not answer within")])
 def test_http_judge_failures_are_clear(stub, mode, message):
     server = stub(mode)
-    judge = HttpJudge(_judge_settings(server.url, timeout_s=0.5))
+    judge = HttpJudge(_judge_settings(server.url, timeout_s=0.5, max_retries=1))
     with pytest.raises(JudgeError, match=message) as err:
         judge.compare(QUESTION, "7 + 5 = 12.", "7 + 5 = 13.", index=5)
     assert "prompt 5" in str(err.value) and server.url in str(err.value)
+    # A timeout is retried (then the error says how often it was tried); an answer without a verdict is not.
+    assert len(server.requests) == (2 if mode == "slow" else 1)
 
 
 def test_unreachable_judge_is_a_clear_error():
-    judge = HttpJudge(_judge_settings("http://127.0.0.1:9/v1", timeout_s=2))
-    with pytest.raises(JudgeError, match="cannot be reached"):
+    judge = HttpJudge(_judge_settings("http://127.0.0.1:9/v1", timeout_s=2, max_retries=2))
+    with pytest.raises(JudgeError, match="cannot be reached.*3 attempt"):
         judge.compare(QUESTION, "a", "b")
+
+
+# Six arithmetic questions; the policy answers right on the even ones, so the right verdicts are known.
+PAIRS = [([{"role": "user", "content": f"Question {i}: What is 7 + 5?"}],
+          "7 + 5 = 12." if i % 2 == 0 else "7 + 5 = 13.", "7 + 5 = 13." if i % 2 == 0 else "7 + 5 = 12.")
+         for i in range(6)]
+RIGHT = ["policy" if i % 2 == 0 else "baseline" for i in range(6)]
+
+
+def _judge_into(out: Path, settings):
+    """The evaluation's judging step (evaluate._judge_all) on PAIRS, into an eval dir."""
+    from alignment.evaluation.evaluate import _judge_all
+
+    out.mkdir(parents=True, exist_ok=True)
+    prompts, policy, baseline = (list(column) for column in zip(*PAIRS))
+    return _judge_all(HttpJudge(settings), prompts, policy, baseline, out)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_local_judges_judge_in_order_and_keep_no_verdict_store(tmp_path):
+    from alignment.evaluation.evaluate import _judge_all
+
+    prompts, policy, baseline = (list(column) for column in zip(*PAIRS))
+    result = _judge_all(ScoreJudge(arithmetic), prompts, policy, baseline, tmp_path)
+    assert result["judged"] == 6 and result["win_rate"] == 0.5 and "verdicts_file" not in result
+    rows = _rows(tmp_path / "judgments.jsonl")
+    assert [row["winner"] for row in rows] == RIGHT and rows[0]["score_a"] == 1.0
+    assert not (tmp_path / "verdicts.jsonl").exists()
+
+
+def test_http_judge_retries_429_and_502_then_finishes(stub, tmp_path):
+    """Every request is answered 429 (Retry-After: 0.2), then 502, then a verdict: the evaluation finishes."""
+    server = stub("ok", script=(429, 502), retry_after="0.2")
+    began = time.monotonic()
+    result = _judge_into(tmp_path / "eval", _judge_settings(server.url, max_retries=2, concurrency=3))
+    assert result["status"] == "finished" and result["judged"] == 6 and result["asked"] == 6 and result["reused"] == 0
+    assert [row["winner"] for row in _rows(tmp_path / "eval" / "judgments.jsonl")] == RIGHT
+    assert [row["index"] for row in _rows(tmp_path / "eval" / "judgments.jsonl")] == list(range(6))  # prompt order
+    assert result["wins"] == result["losses"] == 3 and result["win_rate"] == 0.5
+    # 6 pairs x 2 orders x (429, 502, 200): every distinct request tried exactly three times.
+    assert len(server.requests) == 36 and sorted(server.seen.values()) == [3] * 12
+    assert len(_rows(tmp_path / "eval" / "verdicts.jsonl")) == 6
+    # The Retry-After of 0.2 s was honoured although backoff_s is 0.01: the second ask of a body came >= 0.2 s later.
+    by_body: dict[str, list[float]] = {}
+    for request in server.requests:
+        by_body.setdefault(json.dumps(request["body"], sort_keys=True), []).append(request["at"])
+    assert all(times[1] - times[0] >= 0.19 for times in by_body.values())
+    assert time.monotonic() - began < 10
+
+
+def test_persistent_502_keeps_the_verdicts_and_a_rerun_asks_only_for_the_rest(stub, tmp_path):
+    """A judge that goes bad after 4 requests (2 pairs): max_retries + 1 attempts, then a JudgeError that says how
+    many pairs were judged and where; the rerun against a healthy server asks only for the other 4 pairs."""
+    out = tmp_path / "eval"
+    failing = stub("ok", fail_after=4, fail_status=502)
+    with pytest.raises(JudgeError) as err:
+        _judge_into(out, _judge_settings(failing.url, max_retries=2, concurrency=1))
+    message = str(err.value)
+    assert "HTTP 502" in message and "3 attempt(s)" in message and "prompt 2" in message
+    assert "2 of 6 pairs judged" in message and str(out / "verdicts.jsonl") in message
+    assert len(failing.requests) == 4 + 3  # two pairs in both orders, then pair 2's first ask three times
+    assert max(failing.seen.values()) == 3
+    kept = _rows(out / "verdicts.jsonl")
+    assert [row["index"] for row in kept] == [0, 1] and [row["winner"] for row in kept] == ["a", "b"]
+    assert [row["winner"] for row in _rows(out / "judgments.jsonl")] == RIGHT[:2]
+
+    healthy = stub("ok")
+    result = _judge_into(out, _judge_settings(healthy.url, max_retries=2, concurrency=2))
+    assert result["judged"] == 6 and result["asked"] == 4 and result["reused"] == 2
+    assert len(healthy.requests) == 4 * 2  # the four missing pairs, both orders; none asked again
+    assert [row["winner"] for row in _rows(out / "judgments.jsonl")] == RIGHT
+    assert len(_rows(out / "verdicts.jsonl")) == 6
+
+    # Another judge model never reuses them: all 6 pairs are asked again.
+    other = stub("ok")
+    result = _judge_into(out, _judge_settings(other.url, model="another-judge"))
+    assert result["asked"] == 6 and result["reused"] == 0 and len(other.requests) == 12
+
+
+def test_http_judge_concurrency_is_bounded(stub, tmp_path):
+    server = stub("ok", delay=0.15)
+    result = _judge_into(tmp_path / "eval", _judge_settings(server.url, concurrency=3, both_orders=False))
+    assert result["judged"] == 6 and len(server.requests) == 6
+    assert 1 < server.max_in_flight <= 3
+    assert [row["winner"] for row in _rows(tmp_path / "eval" / "judgments.jsonl")] == RIGHT
+
+    one = stub("ok", delay=0.05)
+    _judge_into(tmp_path / "eval1", _judge_settings(one.url, concurrency=1, both_orders=False))
+    assert one.max_in_flight == 1
+
+
+@pytest.mark.parametrize("status, expected", [(401, "refused the key in \\$ALIGNMENT_TEST_JUDGE_KEY"),
+                                              (404, "HTTP 404"), (400, "HTTP 400")])
+def test_client_errors_are_not_retried(stub, tmp_path, monkeypatch, status, expected):
+    monkeypatch.setenv("ALIGNMENT_TEST_JUDGE_KEY", "sk-refused-789-abcdef")
+    server = stub("ok", fail_after=0, fail_status=status)
+    with pytest.raises(JudgeError, match=expected) as err:
+        _judge_into(tmp_path / "eval", _judge_settings(server.url, max_retries=5, concurrency=1))
+    assert len(server.requests) == 1 and "Not retried" in str(err.value) and server.url in str(err.value)
+    assert "sk-refused-789-abcdef" not in str(err.value)  # the 401 body quoted the key; the message does not
+
+
+def test_http_settings_are_checked():
+    from alignment.config import ConfigError
+    from alignment.evaluation.judges import check_judge
+
+    check_judge(_judge_settings("http://localhost:8000/v1"))
+    for key, value in [("max_retries", -1), ("concurrency", 0), ("backoff_s", -0.5), ("max_retries", 1.5)]:
+        with pytest.raises(ConfigError, match=f"eval.judge.{key} must be"):
+            check_judge(_judge_settings("http://localhost:8000/v1", **{key: value}))
+    with pytest.raises(ConfigError, match="backoff_max_s=0.1 is below"):
+        check_judge(_judge_settings("http://localhost:8000/v1", backoff_s=1.0, backoff_max_s=0.1))
+
+
+def test_http_judge_cli_rerun_asks_only_for_the_rest_and_never_writes_the_key(stub, tmp_path):
+    """Two real `stage=eval` runs of the tiny model into one run dir. The first meets a server that answers the
+    first pair, then 401 with the key echoed in its body: exit 1, one line, that pair kept. The same command
+    again, against a server that answers 429 then 502 before each success, asks only for the other two pairs.
+    The key, from a variable whose name the generic secret filter does not know, is in no file and no output."""
+    from alignment.compose import compose_run_config
+    from alignment.start import resolve_start
+
+    from .conftest import run_cli
+
+    key = "sk-judge-never-saved-4567"
+    tiny = resolve_start(compose_run_config([])).weights  # the tiny twin, as a checkpoint to evaluate
+    run_dir = tmp_path / "ev"
+    command = ["stage=eval", f"model.name_or_path={tiny}", "eval.preference=false", "judge=http",
+               "eval.judge.model=judge-stub", "eval.judge.api_key_env=MY_JUDGE_CREDS", "eval.judge.backoff_s=0.01",
+               "eval.judge.backoff_max_s=0.3", "eval.generation.num_prompts=3", "eval.generation.max_new_tokens=4",
+               f"run_dir={run_dir}"]
+    refusing = stub("ok", fail_after=2, fail_status=401)  # both orders of pair 0, then 401
+    first = run_cli(*command, f"eval.judge.url={refusing.url}", "eval.judge.concurrency=1", cwd=tmp_path,
+                    env={"MY_JUDGE_CREDS": key}, timeout=300)
+    assert first.returncode == 1 and "Traceback" not in first.stderr
+    assert "refused the key in $MY_JUDGE_CREDS" in first.stderr and "1 of 3 pairs judged" in first.stderr
+    assert len(refusing.requests) == 3  # pair 0 twice, pair 1 once: a 401 is not retried
+    assert all(r["headers"]["authorization"] == f"Bearer {key}" for r in refusing.requests)
+    assert len(_rows(run_dir / "eval" / "verdicts.jsonl")) == 1
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["judge"]["status"] == "failed" and report["judge"]["judged"] == 1
+
+    flaky = stub("ok", script=(429, 502), retry_after="0.05")
+    assert "resume=true" in first.stderr
+    second = run_cli(*command, f"eval.judge.url={flaky.url}", "resume=true", cwd=tmp_path,
+                     env={"MY_JUDGE_CREDS": key}, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    asked = {r["body"]["messages"][1]["content"].split("\n")[1] for r in flaky.requests}
+    first_asked = {r["body"]["messages"][1]["content"].split("\n")[1] for r in refusing.requests[:2]}
+    assert len(asked) == 2 and not asked & first_asked  # the two missing prompts only
+    # 2 pairs x 2 orders answered, plus a 429 and a 502 for each distinct request (the model is its own
+    # reference here, so its two answers may be equal and both orders one request).
+    assert len(flaky.requests) == 2 * 2 + 2 * len(flaky.seen)
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["judge"]["status"] == "finished" and report["judge"]["judged"] == 3
+    assert report["judge"]["reused"] == 1 and report["judge"]["asked"] == 2
+    assert [row["index"] for row in _rows(run_dir / "eval" / "judgments.jsonl")] == [0, 1, 2]
+
+    for output in (first.stdout, first.stderr, second.stdout, second.stderr):
+        assert key not in output
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert {"verdicts.jsonl", "run.log", "summary.json", "config.yaml"} <= {path.name for path in files}
+    for path in files:
+        assert key not in path.read_text(errors="ignore"), path
 
 
 @pytest.mark.slow
@@ -270,6 +480,7 @@ def test_failing_http_judge_keeps_the_generations_and_exits_1(demo_run, stub, tm
                      cwd=tmp_path, env={"OPENAI_API_KEY": "sk-never-saved-456"})
     assert result.returncode == 1
     assert "gave no verdict" in result.stderr and "eval/generations.jsonl" in result.stderr
+    assert "0 of 6 pairs judged" in result.stderr
     assert "Traceback" not in result.stderr
     generations = (run_dir / "eval" / "generations.jsonl").read_text().splitlines()
     assert len(generations) == 6 and all(json.loads(g)["policy"] is not None for g in generations)
@@ -277,7 +488,8 @@ def test_failing_http_judge_keeps_the_generations_and_exits_1(demo_run, stub, tm
     assert report["status"] == "failed" and report["judge"]["status"] == "failed"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "gave no verdict" in summary["error"]
-    assert len(server.requests) == 1  # stopped at the first bad answer
+    # Stopped at the first bad answer: only the pairs already in flight (concurrency 4) were asked, once each.
+    assert len(server.requests) <= 4
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert "sk-never-saved-456" not in path.read_text(errors="ignore"), path

@@ -11,7 +11,9 @@ Each distinct model is loaded once, used for everything it is needed for, and fr
 adapters on the same base share one loaded base.
 
 Outputs, under <run_dir>/eval/: report.json, generations.jsonl (written whole before judging),
-judgments.jsonl (appended as verdicts come, so an interrupted judge keeps what it judged).
+judgments.jsonl (the verdicts in prompt order, written when judging ends or fails) and, for the HTTP judge,
+verdicts.jsonl (each verdict appended as it arrives, so an interrupted judge keeps what it judged and a rerun
+into the same run dir, resume=true, asks only for the rest).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ from ..config import ConfigError, RunConfig
 from ..rundir import RunDir, read_summary, update_summary, write_json
 from ..start import adapter_base_path, is_adapter_dir, resolve_start
 from .generation import generate, prompt_set, write_generations
-from .judges import JudgeError, make_judge
+from .judges import JudgeError, judge_pairs, make_judge
 from .scoring import PairLogps, pair_logps, preference_accuracy
 
 log = logging.getLogger(__name__)
@@ -254,9 +257,10 @@ def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
             # Made after the models are freed: a reward-model judge is one more model in memory.
             judge = make_judge(settings.judge)
             report["judge"].update(_judge_all(judge, prompts, answers[subjects.candidate],
-                                              answers[subjects.reference], out / "judgments.jsonl"))
+                                              answers[subjects.reference], out))
         except JudgeError as err:
-            report["judge"].update(status="failed", error=str(err))
+            report["judge"].update(status="failed", error=str(err), judged=len(err.verdicts),
+                                   file=str(out / "judgments.jsonl"))
             report["status"] = "failed"
             _finish(run, out, report, started)
             raise
@@ -265,20 +269,37 @@ def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
     return report
 
 
-def _judge_all(judge, prompts, policy: list[str], baseline: list[str], path: Path) -> dict[str, Any]:
-    """Verdicts for every prompt, appended to judgments.jsonl as they come; the win rate counts a tie as half."""
+def _judge_all(judge, prompts, policy: list[str], baseline: list[str], out: Path) -> dict[str, Any]:
+    """Every prompt's verdict (judge_pairs: the HTTP judge's come concurrently, each appended to verdicts.jsonl as
+    it arrives and reused from there on a rerun); judgments.jsonl gets them in prompt order, also when the judge
+    fails (what was judged). The win rate counts a tie as half."""
+    path = out / "judgments.jsonl"
+    try:
+        judged = judge_pairs(judge, prompts, policy, baseline, out)
+    except JudgeError as err:
+        _write_judgments(path, err.verdicts)
+        raise
+    verdicts = dict(enumerate(judged.verdicts))
+    counts = _write_judgments(path, verdicts)
+    total = sum(counts.values())
+    return {"status": "finished", "judged": total, "wins": counts["policy"], "losses": counts["baseline"],
+            "ties": counts["tie"], "win_rate": (counts["policy"] + 0.5 * counts["tie"]) / total,
+            "file": str(path), "asked": judged.asked, "reused": judged.reused,
+            **({"verdicts_file": str(judged.file)} if judged.file else {})}
+
+
+def _write_judgments(path: Path, verdicts: dict) -> dict[str, int]:
+    """judgments.jsonl: one row per judged prompt, in prompt order, through a temporary file."""
     counts = {"policy": 0, "baseline": 0, "tie": 0}
-    with path.open("w") as f:
-        for index, prompt in enumerate(prompts):
-            verdict = judge.compare(prompt, policy[index], baseline[index], index=index)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for index in sorted(verdicts):
+            verdict = verdicts[index]
             winner = {"a": "policy", "b": "baseline", "tie": "tie"}[verdict.winner]
             counts[winner] += 1
             f.write(json.dumps({"index": index, "winner": winner, **verdict.detail}, ensure_ascii=False) + "\n")
-            f.flush()
-    judged = sum(counts.values())
-    return {"status": "finished", "judged": judged, "wins": counts["policy"], "losses": counts["baseline"],
-            "ties": counts["tie"], "win_rate": (counts["policy"] + 0.5 * counts["tie"]) / judged,
-            "file": str(path)}
+    os.replace(tmp, path)
+    return counts
 
 
 def _write_report(out: Path, report: dict) -> None:
