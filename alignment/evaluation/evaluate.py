@@ -69,7 +69,7 @@ def model_source(path: str, cfg: RunConfig) -> ModelSource:
 def subjects_of_run(run_path: Path, cfg: RunConfig) -> Subjects:
     """Candidate, start and reference of a finished training run, read from its summary.json and config.yaml."""
     summary = read_summary(run_path) or {}
-    if summary.get("status") != "finished" or "lineage" not in summary:
+    if summary.get("status") not in ("finished", "trained") or "lineage" not in summary:
         raise ConfigError(f"{run_path} is not a finished training run (summary.json status "
                           f"{summary.get('status')!r}); evaluate a run that finished training.")
     lineage = summary["lineage"]
