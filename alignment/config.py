@@ -24,6 +24,11 @@ FIXTURES_DIR = PACKAGE_DIR / "fixtures"
 class ConfigError(Exception):
     """Bad user input: the entrypoint prints the message and exits with code 2, before any weights load."""
 
+    def __init__(self, message: object = "", *args: object):
+        from .secrets import redact_text  # a message quoting an override value never shows a secret in it
+
+        super().__init__(redact_text(str(message)), *args)
+
 
 class _Frozen:
     """Mutable while OmegaConf builds the object, read-only once `freeze` has run.

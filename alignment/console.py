@@ -77,6 +77,12 @@ def bars_above_logs():
         return
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from .secrets import RedactingFilter
+
     # transformers' logger has its own console handler and does not propagate to the root's.
-    with logging_redirect_tqdm(loggers=[logging.root, logging.getLogger("transformers")]):
+    loggers = [logging.root, logging.getLogger("transformers")]
+    with logging_redirect_tqdm(loggers=loggers):
+        for handler in (h for logger in loggers for h in logger.handlers):  # the bar's handler replaced the masked one
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())
         yield

@@ -22,6 +22,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from .secrets import declare_named_in, redact_text
+
 log = logging.getLogger("alignment")
 
 SUMMARY_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
@@ -35,8 +37,13 @@ SWEEP_NAME_ENV = "ALIGNMENT_SWEEP_NAME"
 
 
 def sweep_name(overrides) -> str:
-    """`beta=0.05,0.1 stage=dpo` → 'beta-0.05-0.1_stage-dpo-1a2b3c4d': readable, and the same for the same command."""
-    items = sorted(str(o) for o in overrides if not str(o).startswith(("hydra.", "hydra/")))
+    """`beta=0.05,0.1 stage=dpo` → 'beta-0.05-0.1_stage-dpo-1a2b3c4d': readable, and the same for the same command.
+
+    Secrets in override values (a URL's password, a key) are masked before the name is made, and the hash is of the
+    masked command too: a secret never reaches the directory's name, and a rotated key finds the same sweep dir.
+    """
+    declare_named_in(overrides)  # `*_env=NAME`: NAME's value is masked here already, before validation declares it
+    items = sorted(redact_text(str(o)) for o in overrides if not str(o).startswith(("hydra.", "hydra/")))
     # Only characters Hydra accepts unquoted in an override value: the dir is passed on as run_dir=... to ranks.
     readable = re.sub(r"[^A-Za-z0-9_.+-]+", "-", "_".join(items))[:80] or "defaults"
     return f"{readable}-{hashlib.sha1(' '.join(items).encode()).hexdigest()[:8]}"

@@ -2,7 +2,7 @@
 
 W&B: the run is started here (rank 0), before the trainer, so its identity is ours: project, group = the
 sweep (or the run itself), name from the overrides, tags from stage/model/backend, config = the resolved
-RunConfig with secrets masked, reward metrics defined against the global step. transformers' W&B callback
+RunConfig, all with secrets masked, reward metrics defined against the global step. transformers' W&B callback
 then logs into this run. Without an API key the run is offline under <run_dir>/wandb/ (`wandb sync` later).
 Command-line arguments and system metadata are not captured, so nothing from the command line reaches it.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import RunConfig
 from .rundir import RunDir, masked_config
+from .secrets import redact_text
 
 log = logging.getLogger("alignment")
 REWARD_METRICS = ("rewards/*", "logps/*", "logits/*", "loss", "grad_norm", "learning_rate")
@@ -38,7 +39,9 @@ SWEEP_GROUP_ENV, MEMBER_LABEL_ENV = "ALIGNMENT_SWEEP_GROUP", "ALIGNMENT_MEMBER_L
 
 
 def member_label(overrides: list[str]) -> str:
-    return " ".join(o for o in overrides if not o.startswith(("run_dir=", "parent_run=", "hydra"))) or "defaults"
+    """A sweep member's run name at the tracker: its overrides, secrets masked (a URL's password, a key)."""
+    label = " ".join(o for o in overrides if not o.startswith(("run_dir=", "parent_run=", "hydra")))
+    return redact_text(label) or "defaults"
 
 
 def tracker_environment(cfg: RunConfig, run: RunDir) -> None:
@@ -51,8 +54,9 @@ def start_tracker(cfg: RunConfig, run: RunDir) -> Any:
     """Start the W&B run (rank 0 only); returns it, or None for the other trackers."""
     if cfg.tracker.name != "wandb":
         return None
-    group = os.environ.get(SWEEP_GROUP_ENV) or run.path.name
-    name = os.environ.get(MEMBER_LABEL_ENV) or run.path.name
+    # Masked again here: whatever set them, a secret never becomes a tracker's group or run name.
+    group = redact_text(os.environ.get(SWEEP_GROUP_ENV) or run.path.name)
+    name = redact_text(os.environ.get(MEMBER_LABEL_ENV) or run.path.name)
     import wandb
 
     mode = wandb_mode(cfg)

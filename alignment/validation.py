@@ -19,6 +19,7 @@ from .optional import require_importable
 from .ranks import launched_run_dir
 from .reference import choose_reference
 from .rundir import RunDir, check_run_dir, is_finished
+from .secrets import check_secret_settings, is_local_url, read_secret_env
 from .start import is_adapter_dir, keeps_parent_adapter, parent_is_adapter
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -50,6 +51,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
 
     previous: the chain link before this one, whose run dir (this link's parent) does not exist yet.
     """
+    check_secret_settings(cfg)  # *_env settings name a variable, never hold a key; no secret in a run's name
     stage = cfg.stage
     _one_of("stage.name", stage.name, STAGES)
     _require(cfg.beta > 0, f"beta must be > 0 (got {cfg.beta}). It scales DPO's implicit reward; "
@@ -148,6 +150,9 @@ def _check_eval(cfg: RunConfig) -> None:
              f"eval.generation.prompts={generation.prompts} is not a file. Give a .jsonl or .txt file of prompts, "
              f"or null to use the eval split's prompts.")
     check_judge(settings.judge)
+    if settings.judge.name == "http" and settings.judge.api_key_env and not is_local_url(settings.judge.url):
+        read_secret_env("eval.judge.api_key_env", settings.judge.api_key_env,  # a remote API needs its key
+                        "or eval.judge.api_key_env=null for a server that takes none")
     check_harness(settings)
     if settings.reference:
         reference = Path(settings.reference)
