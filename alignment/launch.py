@@ -150,10 +150,14 @@ def is_secondary_machine(cfg: RunConfig, env: dict[str, str] | None = None) -> b
     return int(rank) > 0
 
 
+RUN_DIR_PER_JOB = "ALIGNMENT_RUN_DIR_PER_JOB"
+
+
 def slurm_run_path(cfg: RunConfig, name: str, env: dict[str, str] | None = None) -> Path | None:
-    """Under a multi-node SLURM job every node's parent must agree on the run dir without talking: the job id."""
+    """Under a multi-node SLURM job every node's parent must agree on the run dir without talking: the job id. Under
+    launchers/slurm.sbatch (which sets ALIGNMENT_RUN_DIR_PER_JOB) a one-node job too, so a requeued job finds it."""
     env = os.environ if env is None else env
-    if cfg.launcher.num_machines > 1 and env.get("SLURM_JOB_ID"):
+    if (cfg.launcher.num_machines > 1 or env.get(RUN_DIR_PER_JOB) == "1") and env.get("SLURM_JOB_ID"):
         return Path("outputs") / "slurm" / f"{env['SLURM_JOB_ID']}_{name}"
     return None
 

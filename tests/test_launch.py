@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,53 @@ def test_dry_run_shows_the_plan_for_the_backend_and_the_launch_command(tmp_path,
     assert "-m accelerate.commands.launch" in command and "--num_processes 2" in command
     assert " dry_run=" not in command, "the ranks would otherwise only plan"
     assert not (tmp_path / "outputs").exists(), "a dry run writes nothing"
+
+
+def _sbatch_with_fake_slurm(tmp_path: Path, srun_body: str, env_extra: dict) -> subprocess.Popen:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _fake_tool(bin_dir, "scontrol", f'echo "$@" >> {tmp_path}/scontrol.calls; echo node1')
+    _fake_tool(bin_dir, "srun", srun_body)
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_GPUS_ON_NODE": "8", **env_extra,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(["bash", str(REPO / "launchers" / "slurm.sbatch"), "stage=dpo"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sbatch_requeues_an_interrupted_job_and_a_restarted_job_resumes(tmp_path):
+    """Exit 75 (checkpoint written after SIGTERM) → scontrol requeue; SLURM_RESTART_COUNT>0 → resume=true."""
+    srun = f'echo "$@" > {tmp_path}/srun.args; env | grep ALIGNMENT_ >> {tmp_path}/srun.args; exit 75'
+    first = _sbatch_with_fake_slurm(tmp_path, srun, {})
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 75, err
+    assert (tmp_path / "scontrol.calls").read_text().splitlines()[-1] == "requeue 4242"
+    args = (tmp_path / "srun.args").read_text()
+    assert "resume=true" not in args and "ALIGNMENT_RUN_DIR_PER_JOB=1" in args
+
+    again = _sbatch_with_fake_slurm(tmp_path, srun.replace("exit 75", "exit 0"), {"SLURM_RESTART_COUNT": "1"})
+    _, err = again.communicate(timeout=60)
+    assert again.returncode == 0 and "resuming its run dir" in err
+    assert "stage=dpo resume=true" in (tmp_path / "srun.args").read_text()
+    assert (tmp_path / "scontrol.calls").read_text().count("requeue") == 1
+
+
+def test_sbatch_passes_sigterm_to_the_tasks_and_waits_for_their_checkpoint(tmp_path):
+    srun = (f'trap \'echo got TERM > {tmp_path}/srun.signal; sleep 1; exit 75\' TERM; '
+            f'touch {tmp_path}/srun.started; while true; do sleep 0.1; done')
+    job = _sbatch_with_fake_slurm(tmp_path, srun, {})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "srun.started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends the batch script before the time limit
+    _, err = job.communicate(timeout=60)
+    assert (tmp_path / "srun.signal").read_text().strip() == "got TERM"
+    assert job.returncode == 75 and "requeueing job 4242" in err
+    assert (tmp_path / "scontrol.calls").read_text().splitlines()[-1] == "requeue 4242"
+
+
+def test_a_one_node_sbatch_job_names_its_run_dir_after_the_job():
+    cfg = compose_run_config([])
+    assert slurm_run_path(cfg, "sft-tiny", {"SLURM_JOB_ID": "9"}) is None
+    assert slurm_run_path(cfg, "sft-tiny", {"SLURM_JOB_ID": "9", "ALIGNMENT_RUN_DIR_PER_JOB": "1"}) == \
+        Path("outputs/slurm/9_sft-tiny")
