@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from .compose import CONF_DIR, CONFIG_NAME, cli_overrides, preflight, search_path, search_path_of, search_path_override, set_search_path
 from .command_line import job_config_text, normalise, wants_job_config
@@ -38,7 +39,8 @@ def _hydra_entry(composed) -> None:
 
     from .preemption import EXIT_INTERRUPTED, Interrupted
 
-    overrides = list(hydra_config.overrides.task)
+    # Unresolved: a `${secret:NAME}` override is recorded (config.yaml, the ranks' command lines) as the reference.
+    overrides = list(OmegaConf.to_container(hydra_config.overrides.task, resolve=False))
     try:
         cfg = with_overrides(to_run_config(composed), overrides)
         with bars_above_logs():

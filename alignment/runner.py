@@ -147,11 +147,14 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
         status = "interrupted" if interrupted else "failed"
         step = trainer.state.global_step if trainer is not None else None
-        update_summary(run, status=status, error=_one_line_error(err), ended_at=_now(),
-                       diagnostics=diagnostics.summary(), last_complete_checkpoint=newest_complete_checkpoint(run),
-                       segments=_close_segment(run, status, step, time.perf_counter() - started),
-                       **({"interrupted_at_step": step, "signal": getattr(err, "signal_name", "SIGINT")}
-                          if interrupted else {}))
+        try:
+            update_summary(run, status=status, error=_one_line_error(err), ended_at=_now(),
+                           diagnostics=diagnostics.summary(), last_complete_checkpoint=newest_complete_checkpoint(run),
+                           segments=_close_segment(run, status, step, time.perf_counter() - started),
+                           **({"interrupted_at_step": step, "signal": getattr(err, "signal_name", "SIGINT")}
+                              if interrupted else {}))
+        except OSError as unwritable:  # a full disk may refuse the summary too; the error below still says why
+            log.error("could not record the status in %s: %s", run.summary, unwritable)
         log.error("%s stage %s in %s: %s", cfg.stage.name, status, run.path, _one_line_error(err))
         finish_tracker(tracker, failed=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:

@@ -248,3 +248,37 @@ def test_a_chain_killed_at_every_phase_boundary_resumes_to_the_uninterrupted_res
     evaluation = _summary(chain / "2-dpo")["evaluation"]
     assert evaluation["status"] == "finished"
     assert evaluation == _summary(tmp_path / "straight" / "2-dpo")["evaluation"]
+
+
+class _DiskFullAtSave:
+    """A TrainerCallback raising what a full disk raises, while the trainer writes its second checkpoint."""
+
+    def __new__(cls, at_step: int):
+        import errno
+
+        from transformers import TrainerCallback
+
+        class DiskFull(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step == at_step:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+        return DiskFull()
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_resumes(tmp_path, straight_dpo):
+    from alignment.compose import compose_run_config
+    from alignment.config import ConfigError
+    from alignment.runner import run_stage
+
+    run_dir = tmp_path / "run"
+    overrides = [*LONG_DPO, f"run_dir={run_dir}", "stage.save_total_limit=1"]
+    with pytest.raises(ConfigError, match=r"^no space left on the device of .* resume with resume=true") as full:
+        run_stage(compose_run_config(overrides), callbacks=[_DiskFullAtSave(10)])
+    assert "\n" not in str(full.value)
+    summary = _summary(run_dir)
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    assert (Path(summary["last_complete_checkpoint"]) / "COMPLETE").exists()
+    run_stage(compose_run_config([*overrides, "resume=true"]))
+    assert _losses(run_dir) == _losses(straight_dpo) and _same_weights(run_dir, straight_dpo)
