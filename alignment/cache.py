@@ -221,7 +221,13 @@ def check_derived(entry: Path) -> list[str]:
         if problem is not None:
             log.warning("cache: %s in %s %s; removed, it is computed again", relative, entry, problem)
             path.unlink()
+            listed.pop(relative, None)  # the file computed again is listed afresh
             removed.append(f"{relative}: {problem}")
+    missing = [relative for relative in listed if not (entry / relative).exists()]
+    for relative in missing:
+        listed.pop(relative)
+    if removed or missing:
+        _write_json(entry / DERIVED, {"version": 1, "files": listed})
     return removed
 
 

@@ -240,7 +240,7 @@ def run_chain(cfg: RunConfig, links: list[RunConfig], chain_dir: Path) -> list[S
     pending = _pending_links(cfg, links)
     if cfg.resume:
         check_resume_matches(chain, cfg)
-    else:
+    if not cfg.resume or not chain.config.exists():  # resume of a chain killed before its config was written
         write_config(chain, cfg)
     phase_boundary("chain:created")
     update_summary(chain, status="running", kind="chain", started_at=_now(),
@@ -301,7 +301,8 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
         return path
     shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
     if cfg.stage.name == "eval":
-        report = evaluate_stage(cfg)
+        with handling_signals(cfg.preemption.grace_s):
+            report = evaluate_stage(cfg)
         print(f"\n{format_headline(report)}\n\nrun dir: {shown}")
         return path
     if needs_launch(cfg):
@@ -355,7 +356,8 @@ def evaluate_stage(cfg: RunConfig) -> dict[str, Any]:
     try:
         report = evaluate(cfg, run, subjects_of_config(cfg))
     except BaseException as err:
-        update_summary(run, status="failed", error=f"{type(err).__name__}: {err}", ended_at=_now())
+        status = "interrupted" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "failed"
+        update_summary(run, status=status, error=_one_line_error(err), ended_at=_now())
         raise
     finally:
         detach_run_log(handler)
