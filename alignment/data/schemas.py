@@ -12,7 +12,7 @@ fail-or-drop policy is one config key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 ROLES = ("system", "user", "assistant")
 
@@ -38,6 +38,29 @@ SCHEMAS = {
 
 # The order in which a row's problems are reported: structural first, so the message names the real cause.
 PROBLEM_KINDS = ("malformed", "roles", "empty", "prompt_mismatch", "identical")
+
+
+# What to do about rows dropped for each reason: the row problems above and the length drops of lengths.py. Advice is
+# for the cause: pairs whose chosen equals rejected are a data problem, which no length setting changes.
+DROP_ADVICE = {
+    "malformed": "fix the rows' structure: each message a {role, content} object with string content and a role of "
+                 + ", ".join(ROLES),
+    "roles": "fix the turn order: user and assistant alternate after an optional system message, and the last turn "
+             "is the assistant's",
+    "empty": "fill in or remove the messages with empty content",
+    "prompt_mismatch": "make each pair's chosen and rejected conversations share every turn but the last",
+    "identical": "fix the pairs: their chosen and rejected responses are the same text, so they carry no preference "
+                 "(no length setting changes that)",
+    "prompt_over_budget": "raise stage.max_prompt_length (with stage.max_length), or use shorter prompts",
+    "response_beyond_max_length": "raise stage.max_length, or use conversations whose first response starts earlier",
+}
+
+
+def drop_advice(counts: Mapping[str, int]) -> str:
+    """What to do about dropped rows, the most frequent reason first, e.g. for "no training rows left"."""
+    reasons = [kind for kind, n in sorted(counts.items(), key=lambda item: -item[1]) if n]
+    advice = [f"{kind}: {DROP_ADVICE[kind]}" for kind in reasons if kind in DROP_ADVICE]
+    return "; ".join(advice) if advice else "fix the data"
 
 
 @dataclass(frozen=True)
