@@ -36,7 +36,7 @@ def _hydra_entry(composed) -> None:
     from .evaluation import JudgeError
     from .launch import LaunchFailed
     from .runner import run, run_member  # imported here so that bad input is refused before torch/transformers load
-
+    from .diagnostics import TrainingFailed
     from .preemption import EXIT_INTERRUPTED, Interrupted
 
     # Unresolved: a `${secret:NAME}` override is recorded (config.yaml, the ranks' command lines) as the reference.
@@ -55,6 +55,9 @@ def _hydra_entry(composed) -> None:
     except LaunchFailed as err:
         print(f"alignment: error: {err}", file=sys.stderr)
         sys.exit(err.returncode)
+    except TrainingFailed as err:  # NaN/inf or a collapse: the run dir says `failed`, with this diagnosis
+        print(f"alignment: error: training failed: {err}", file=sys.stderr)
+        sys.exit(1)
     except JudgeError as err:  # the model and generations are saved; only the verdicts are missing
         print(f"alignment: error: {err}\nThe generations are kept in the run dir's eval/generations.jsonl.",
               file=sys.stderr)

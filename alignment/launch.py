@@ -28,7 +28,6 @@ import yaml
 
 from .backends import accelerate_config, deepspeed_config
 from .config import ConfigError, RunConfig, freeze, override_key
-from .preemption import die_with_parent, forward_to
 from .ranks import LAUNCH_STARTED, LAUNCHED_RUN_DIR, launched_run_dir
 from .secrets import redact_text
 
@@ -271,6 +270,8 @@ def launch(cfg: RunConfig, user_overrides: list[str], uses_cuda: bool) -> None:
     write_launch_files(cfg, command, env, where)  # identical on every machine but the command's machine rank
     print(f"alignment: launching {cfg.launcher.num_processes} processes ({cfg.backend.name}) on "
           f"{where.num_machines} machine(s):\n  {shell_line(command, env)}", flush=True)
+    from .preemption import die_with_parent, forward_to  # here: importing it loads transformers
+
     # The launcher is its own process group, so SIGTERM/SIGINT reach the ranks once, through it (torchrun passes
     # them on and waits for the ranks' checkpoints), and it dies with this process however this process ends.
     child = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True, preexec_fn=die_with_parent)

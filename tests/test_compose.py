@@ -35,9 +35,11 @@ _FAST_MODELS = ("tiny_qwen2", "qwen72b")
 @pytest.mark.parametrize("choice", [c if c["model"] in _FAST_MODELS else pytest.param(c, marks=pytest.mark.slow)
                                     for c in _combinations()],
                          ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_every_combination_composes(choice, planning):
+def test_every_combination_composes(choice, planning, tmp_path):
     skip_without_the_real_model(choice["model"])
     overrides = [f"{group}={option}" for group, option in choice.items()] + ["dry_run=true"]
+    if choice["stage"] == "eval":  # stage=eval evaluates a trained model: a parent run's
+        overrides.append(f"parent_run={finished_parent(tmp_path)}")
     cfg = compose_run_config(overrides)
     assert isinstance(cfg, RunConfig)
     assert cfg.stage.name == choice["stage"] and cfg.model.name == choice["model"]
@@ -67,19 +69,29 @@ def test_every_tracker_composes_and_validates(tracker):
     validate(cfg)
 
 
+def finished_parent(tmp_path):
+    """A finished run dir with a saved model, as stage=eval's parent_run (what validation reads of it)."""
+    parent = tmp_path / "parent"
+    (parent / "model").mkdir(parents=True, exist_ok=True)
+    (parent / "summary.json").write_text('{"status": "finished"}')
+    (parent / "model" / "config.json").write_text("{}")
+    return parent
+
+
 JUDGE_NEEDS = {"http": "judge=http needs eval.judge.url", "reward_model": "judge=reward_model needs eval.judge.path"}
 
 
 @pytest.mark.parametrize("judge", group_options("judge"))
-def test_every_judge_composes_and_validates_or_says_what_it_needs(judge):
-    cfg = compose_run_config(["stage=eval", f"judge={judge}", "dry_run=true"])
+def test_every_judge_composes_and_validates_or_says_what_it_needs(judge, tmp_path):
+    evaluated = f"parent_run={finished_parent(tmp_path)}"
+    cfg = compose_run_config(["stage=eval", f"judge={judge}", "dry_run=true", evaluated])
     assert cfg.eval.judge.name == judge
     if judge in JUDGE_NEEDS:
         with pytest.raises(ConfigError, match=JUDGE_NEEDS[judge]):
             validate(cfg)
         extra = ["eval.judge.url=http://localhost:8000/v1", "eval.judge.model=m"] if judge == "http" else \
             ["eval.judge.path=some/reward-model"]
-        cfg = compose_run_config(["stage=eval", f"judge={judge}", "dry_run=true", *extra])
+        cfg = compose_run_config(["stage=eval", f"judge={judge}", "dry_run=true", evaluated, *extra])
     validate(cfg)
 
 

@@ -275,8 +275,6 @@ def test_identical_pairs_are_a_data_problem_not_a_length_problem():
     assert set(PROBLEM_KINDS) | {"prompt_over_budget", "response_beyond_max_length"} == set(DROP_ADVICE)
 
 
-@pytest.mark.xfail(strict=True, reason="needs alignment/data/pipeline.py to use drop_advice in its 'no training rows "
-                                       "left' message (see the validation report); remove this mark with that change")
 def test_a_dataset_of_identical_pairs_is_refused_as_a_data_problem(tmp_path, tiny_tokenizer):
     from alignment.compose import compose_run_config
     from alignment.config import ConfigError

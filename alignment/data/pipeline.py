@@ -28,7 +28,7 @@ from .lengths import measure_chat, measure_preference
 from .loading import content_fingerprint, load_split, locate, source_key
 from .mix import ROW, Selection, select
 from .report import build_report, describe_drops
-from .schemas import PROBLEM_KINDS, SCHEMAS, check_row, convert_row
+from .schemas import PROBLEM_KINDS, SCHEMAS, check_row, convert_row, drop_advice
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,9 @@ def _build(cfg: RunConfig, tokenizer, target: Path, key: str) -> None:
         kept[selection.role].append(data.filter(lambda drop: drop == "", input_columns="__drop"))
     splits = {role: concatenate_datasets(parts) if parts else None for role, parts in kept.items()}
     if splits["train"] is None or len(splits["train"]) == 0:
+        drops = Counter(d for _, data in processed for d in data["__drop"] if d)
         raise ConfigError(f"no training rows left in {dataset.name} after checks and truncation: "
-                          f"{describe_drops(processed)}. Raise stage.max_length or fix the data.")
+                          f"{describe_drops(processed)}. What to do: {drop_advice(drops)}.")
     findings = linter.lint(tokenizer, _lint_sample(splits["train"], dataset.lint_rows), data_format(dataset))
     report = build_report(cfg, processed, splits, linter.as_records(findings), key)
     report["seconds"] = round(time.perf_counter() - started, 3)
