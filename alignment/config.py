@@ -30,6 +30,16 @@ class ConfigError(Exception):
         super().__init__(redact_text(str(message)), *args)
 
 
+def require(condition: bool, message: str) -> None:
+    """Refuse bad input: raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def one_of(key: str, value: object, valid: tuple[str, ...]) -> None:
+    require(value in valid, f"{key}={value} is not supported. Valid values: {', '.join(valid)}.")
+
+
 class _Frozen:
     """Mutable while OmegaConf builds the object, read-only once `freeze` has run.
 

@@ -389,7 +389,7 @@ def test_every_numeric_setting_has_a_range():
     import typing
 
     from alignment.config import RunConfig
-    from alignment.validation import _number_fields, range_of
+    from alignment.ranges import _number_fields, range_of
 
     missing, seen = [], set()
 
@@ -409,7 +409,7 @@ def test_every_numeric_setting_has_a_range():
                     visit(arg, f"{prefix}{f.name}.")
 
     visit(RunConfig, "")
-    assert not missing, f"add a Range to alignment.validation.NUMBER_RANGES for: {', '.join(missing)}"
+    assert not missing, f"add a Range to alignment.ranges.NUMBER_RANGES for: {', '.join(missing)}"
     assert len(seen) >= 15  # the walk reached the nested settings (stage, eval.generation, backend.zero3, ...)
 
 
@@ -428,13 +428,13 @@ def test_library_lists_read_from_source_are_the_libraries_own():
     from transformers.training_args import OptimizerNames
     from trl import DPOConfig, SFTConfig
 
-    from alignment import validation
+    from alignment import library_choices
 
-    assert validation.optimizer_names() == tuple(o.value for o in OptimizerNames)
-    assert validation.scheduler_names() == tuple(s.value for s in SchedulerType)
-    assert set(validation.attention_names()) == {"eager", *AttentionInterface._global_mapping}
-    assert validation.loss_types("sft") == tuple(SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
-    dpo = validation.loss_types("dpo")
+    assert library_choices.optimizer_names() == tuple(o.value for o in OptimizerNames)
+    assert library_choices.scheduler_names() == tuple(s.value for s in SchedulerType)
+    assert set(library_choices.attention_names()) == {"eager", *AttentionInterface._global_mapping}
+    assert library_choices.loss_types("sft") == tuple(SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
+    dpo = library_choices.loss_types("dpo")
     assert "sigmoid" in dpo and "ipo" in dpo and DPOConfig.__dataclass_fields__["loss_type"].default_factory() == \
         ["sigmoid"]
 
@@ -446,7 +446,7 @@ def test_optimizer_checks_agree_with_what_transformers_builds(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from alignment.config import ConfigError
-    from alignment.validation import _check_optimizer, optimizer_names
+    from alignment.library_choices import _check_optimizer, optimizer_names
 
     model = torch.nn.Linear(4, 4)
     disagree = []
@@ -473,7 +473,7 @@ def test_scheduler_lists_agree_with_transformers(tmp_path):
     import torch
     from transformers import TrainingArguments, get_scheduler
 
-    from alignment.validation import SCHEDULERS_NEEDING_EVAL, SCHEDULERS_NEEDING_KWARGS, scheduler_names
+    from alignment.library_choices import SCHEDULERS_NEEDING_EVAL, SCHEDULERS_NEEDING_KWARGS, scheduler_names
 
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     needs_kwargs, needs_eval = set(), set()
@@ -523,7 +523,7 @@ def test_run_dir_in_an_unwritable_dir_is_refused(tmp_path, monkeypatch):
 
 def test_run_dir_on_a_read_only_filesystem_is_refused(tmp_path, monkeypatch):
     """A read-only mount (simulated: statvfs reports ST_RDONLY, as it does for a `mount -o ro` filesystem)."""
-    from alignment import validation
+    from alignment import run_location
     from alignment.config import ConfigError
 
     real = os.statvfs
@@ -533,7 +533,7 @@ def test_run_dir_on_a_read_only_filesystem_is_refused(tmp_path, monkeypatch):
             self._stat = real(path)
             self.f_flag = self._stat.f_flag | os.ST_RDONLY
 
-    monkeypatch.setattr(validation.os, "statvfs", ReadOnly)
+    monkeypatch.setattr(run_location.os, "statvfs", ReadOnly)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=f"run_dir={tmp_path / 'run'} is on a read-only filesystem"):
         _validate(f"run_dir={tmp_path / 'run'}")
@@ -546,11 +546,11 @@ def test_run_dir_without_room_for_the_run_is_refused_with_both_numbers(tmp_path,
     refused with both numbers; a dry run, often planned on another machine, is not refused for it."""
     import shutil
 
-    from alignment import validation
+    from alignment import run_location
     from alignment.config import ConfigError
 
     free = {"bytes": 10 * 10**9}
-    monkeypatch.setattr(validation.shutil, "disk_usage",
+    monkeypatch.setattr(run_location.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free["bytes"], free["bytes"]))
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
