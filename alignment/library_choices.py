@@ -13,14 +13,6 @@ from .config import RunConfig, one_of, require
 from .modeling import uses_cuda
 from .optional import require_importable
 
-_DTYPES = ("float32", "bfloat16", "float16", "auto")
-_PRECISIONS = ("auto", "no", "bf16", "fp16")
-_DEVICES = ("auto", "cpu", "cuda")
-_BACKENDS = ("single", "ddp", "fsdp", "zero3")
-_PEFT_METHODS = ("none", "lora", "qlora")
-_QUANT_TYPES = ("nf4", "fp4")
-
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Enumerated training settings, checked against the installed libraries' own lists (transformers' OptimizerNames,

@@ -11,14 +11,6 @@ from typing import Any, Iterator
 
 from .config import ConfigError, RunConfig, require
 
-_DTYPES = ("float32", "bfloat16", "float16", "auto")
-_PRECISIONS = ("auto", "no", "bf16", "fp16")
-_DEVICES = ("auto", "cpu", "cuda")
-_BACKENDS = ("single", "ddp", "fsdp", "zero3")
-_PEFT_METHODS = ("none", "lora", "qlora")
-_QUANT_TYPES = ("nf4", "fp4")
-
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Numbers. Every int and float setting of the RunConfig tree is found by walking the typed dataclasses, so a new

@@ -9,14 +9,6 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, require
 from .rundir import OUTPUTS_ROOT
 
-_DTYPES = ("float32", "bfloat16", "float16", "auto")
-_PRECISIONS = ("auto", "no", "bf16", "fp16")
-_DEVICES = ("auto", "cpu", "cuda")
-_BACKENDS = ("single", "ddp", "fsdp", "zero3")
-_PEFT_METHODS = ("none", "lora", "qlora")
-_QUANT_TYPES = ("nf4", "fp4")
-
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # The run dir's place: refused before anything is written, and nothing is created to find out.
