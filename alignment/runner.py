@@ -174,13 +174,14 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
     train = dict(metrics_writer.train_summary)
     if resume_from is not None:  # the trainer's own numbers cover the resumed segment only
         train.update(train_loss=whole_run_train_loss(records), resumed_segment_train_loss=train.get("train_loss"))
-    step = trainer.state.global_step
+    segments = _close_segment(run, "finished", trainer.state.global_step, time.perf_counter() - started)
+    train["seconds_all_segments"] = round(sum(s.get("seconds", 0) for s in segments), 3)  # load, train, save
     train_records_ = train_records(records)
     summary = update_summary(
         run, status="trained" if cfg.eval.after_training else "finished", ended_at=_now(), model_path=str(run.model),
         final_metrics=train_records_[-1] if train_records_ else {}, eval_metrics=eval_metrics, train=train,
         num_tokens=int(getattr(trainer, "_total_train_tokens", 0)) or None, diagnostics=diagnostics.summary(),
-        segments=_close_segment(run, "finished", step, time.perf_counter() - started))
+        segments=segments)
     if is_main_process():
         write_model_card(cfg, run, summary)
     finish_tracker(tracker, failed=False)
