@@ -217,12 +217,16 @@ def private_dir(cfg: RunConfig) -> Path:
 def prepared_dir(cfg: RunConfig, tokenizer) -> Path:
     """Where the stage's prepared splits are: the verified shared cache entry (built once, under its lock, by
     whichever process gets there first), or with dataset.cache=false a fresh private copy."""
-    from ..cache import publish_once
+    from ..cache import entry_problem, publish_once
     from ..ranks import is_main_process
 
     key = fingerprint(cfg, tokenizer)
     if cfg.dataset.cache:
-        return publish_once(_cache_root() / key, lambda staging: _build(cfg, tokenizer, staging, key), "prepared data")
+        entry = _cache_root() / key
+        if entry_problem(entry) is None:  # verified (hashes are computed once per process)
+            log.info("data: prepared splits reused from %s", entry)
+            return entry
+        return publish_once(entry, lambda staging: _build(cfg, tokenizer, staging, key), "prepared data")
     target = private_dir(cfg)
     if is_main_process():  # the other ranks read what the main rank prepared (main_process_first)
         shutil.rmtree(target, ignore_errors=True)
