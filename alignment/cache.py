@@ -245,15 +245,25 @@ def list_derived(entry: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def adding_derived_files(entry: Path | None, main_process: bool, kind: str) -> Iterator[None]:
+def adding_derived_files(entry: Path | None, main_process: bool, kind: str,
+                         checked: Callable[[], None] | None = None) -> Iterator[None]:
     """Around a library call that reads and writes `entry`'s derived files: under the entry's lock, unverified
     files are removed first and the new ones listed after. Only the job's main process locks: its other ranks
-    follow it inside the library (TRL fills the cache on the main process first, then the others read it)."""
-    if entry is None or not main_process or not (entry / MANIFEST).exists():
+    follow it inside the library (TRL fills the cache on the main process first, then the others read it).
+    `checked`, when given, is called on every rank once the main process has checked the cache (a barrier, for a
+    library call whose ranks must all see the same files because they compute together)."""
+    if entry is None or not (entry / MANIFEST).exists():
+        yield
+        return
+    if not main_process:
+        if checked is not None:
+            checked()
         yield
         return
     with entry_lock(entry):
         check_derived(entry)
+        if checked is not None:
+            checked()
         started = time.perf_counter()
         yield
         for relative in list_derived(entry):

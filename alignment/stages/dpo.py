@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 
 from ..config import RunConfig
 from ..modeling import load_model
@@ -53,22 +52,11 @@ def _trainer_class():
             verification is removed (and computed again), a new one is listed with its checksum, and concurrent
             runs compute the same log-probs once. The other ranks wait until the main process has checked the
             cache, so every rank sees the same file (or none) and all take part in the computation together."""
-            from ..cache import MANIFEST, check_derived, entry_lock, list_derived, record_build
+            from ..cache import adding_derived_files
 
-            entry = getattr(self, "prepared_data_dir", None)
-            if entry is None or not (entry / MANIFEST).exists():
+            with adding_derived_files(getattr(self, "prepared_data_dir", None), self.accelerator.is_main_process,
+                                      "reference log-probs", checked=self.accelerator.wait_for_everyone):
                 return super()._precompute_ref_logps(dataset, name, batch_size)
-            if not self.accelerator.is_main_process:
-                self.accelerator.wait_for_everyone()
-                return super()._precompute_ref_logps(dataset, name, batch_size)
-            with entry_lock(entry):
-                check_derived(entry)
-                self.accelerator.wait_for_everyone()
-                started = time.perf_counter()
-                result = super()._precompute_ref_logps(dataset, name, batch_size)
-                for relative in list_derived(entry):
-                    record_build("reference log-probs", entry / relative, time.perf_counter() - started)
-            return result
 
         def compute_ref_log_probs(self, model, inputs):
             self.reference_forward_batches += 1
