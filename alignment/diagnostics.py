@@ -172,9 +172,9 @@ _DIED = ("the gradients were there at the start and have died: the update steps 
 class Diagnostics(TrainerCallback):
     """Runs `check` on every logged training step; warns once per alarm, stops on a FATAL one."""
 
-    def __init__(self, settings: DiagnosticsConfig, stage: str):
+    def __init__(self, settings: DiagnosticsConfig, preference_metrics: bool):
         self.settings = settings
-        self.preference = stage == "dpo"
+        self.preference = preference_metrics  # the stage logs rewards/* (its registry entry says so)
         self.records: list[dict[str, Any]] = []
         self.alarms: dict[str, Alarm] = {}
 

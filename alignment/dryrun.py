@@ -9,12 +9,10 @@ from .config import RunConfig
 from .data.pipeline import prompt_budget
 from .plan import ASSUMPTIONS, model_parameter_count, plan_inputs, plan_memory
 from .reference import choose_reference
+from .stages.registry import stage_of
 from .start import keeps_parent_adapter, parent_is_adapter
 from .rundir import masked_config
 from .validation import is_offline
-
-TRAINERS = {"sft": "trl.SFTTrainer", "dpo": "trl.DPOTrainer", "eval": "alignment.evaluation (no training)"}
-
 
 def _checkpoint_line(cfg: RunConfig) -> str:
     """Where the configured checkpoint's weights come from."""
@@ -41,11 +39,11 @@ def _dataset_lines(cfg: RunConfig) -> list[str]:
 
 def _evaluation_lines(cfg: RunConfig) -> list[str]:
     settings = cfg.eval
-    if cfg.stage.name != "eval" and not settings.after_training:
+    if stage_of(cfg).trains and not settings.after_training:
         return []
     generation = settings.generation
-    subject = (f"the model of {cfg.parent_run}" if cfg.stage.name == "eval" and cfg.parent_run else
-               "the configured model" if cfg.stage.name == "eval" else "this stage's model, after training")
+    subject = (f"the model of {cfg.parent_run}" if not stage_of(cfg).trains and cfg.parent_run else
+               "the configured model" if not stage_of(cfg).trains else "this stage's model, after training")
     against = settings.reference or "its own reference (the run's reference model, or its starting model)"
     sampling = (f"sampled at temperature {generation.temperature:g}, top_p {generation.top_p:g}"
                 if generation.do_sample else "greedy")
@@ -69,6 +67,18 @@ def _memory_lines(cfg: RunConfig, reference: str) -> str:
     return "\n".join(lines)
 
 
+def _training_line(cfg: RunConfig, processes: int) -> str:
+    """Steps, learning rate, batch split, lengths and the stage's own settings (beta, loss_type, ...)."""
+    stage = cfg.stage
+    steps = f"max_steps={stage.max_steps}" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epoch(s)"
+    own = stage_of(cfg).own_settings(stage)
+    if "max_prompt_length" in own:
+        own["max_prompt_length"] = prompt_budget(cfg)
+    return (f"training     {steps}, lr={cfg.learning_rate:g}, {batch_plan(cfg, processes).describe()}, "
+            f"max_length={stage.max_length}" + "".join(f", {key}={value:g}" if isinstance(value, float) else
+                                                      f", {key}={value}" for key, value in own.items()))
+
+
 def describe(links: list[RunConfig], launch: str | None = None) -> str:
     """Human-readable plan of every stage a command would run, with its memory plan and the launch command."""
     parts = []
@@ -77,7 +87,8 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
         params = model_parameter_count(cfg.model)
         weight_gib = params * ASSUMPTIONS["dtype_bytes"][cfg.model.dtype] / 2**30
         adapter_kept = keeps_parent_adapter(cfg, parent_is_adapter(cfg, previous))
-        reference = choose_reference(cfg, adapter_kept) if cfg.stage.name == "dpo" else None
+        described = stage_of(cfg)
+        reference = choose_reference(cfg, adapter_kept) if described.reference else None
         if cfg.parent_run:
             start = f"the model of {cfg.parent_run}"
         elif index > 1:
@@ -88,25 +99,22 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
             start = _checkpoint_line(cfg)
         stage = cfg.stage
         processes = cfg.launcher.num_processes or 1
-        steps = f"max_steps={stage.max_steps}" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epoch(s)"
         lines = [
-            f"== stage {index}/{len(links)}: {stage.name} with {TRAINERS[stage.name]} ==",
+            f"== stage {index}/{len(links)}: {stage.name} with {described.trainer} =="
+            + (f" ({described.experimental}: TRL's experimental API)" if described.experimental else ""),
             f"model        {cfg.model.name}: {params:,} parameters ({weight_gib:.2f} GiB of {cfg.model.dtype} weights)",
             f"starts from  {start}",
             f"peft         {cfg.peft.method}" + (" (training the parent's adapter further)" if adapter_kept else ""),
             *([f"reference    {reference.option}"
                + (f" (ref=auto: {reference.reason})" if reference.requested == "auto" else "")] if reference else []),
             *_dataset_lines(cfg),
-            *([f"training     {steps}, lr={cfg.learning_rate:g}, {batch_plan(cfg, processes).describe()}, "
-               f"max_length={stage.max_length}"
-               + (f", max_prompt_length={prompt_budget(cfg)}" if stage.name == "dpo" else "")
-               + (f", beta={cfg.beta:g}" if stage.name == "dpo" else "")] if stage.name != "eval" else []),
+            *([_training_line(cfg, processes)] if described.trains else []),
             *_evaluation_lines(cfg),
             f"backend      {cfg.backend.name} on {processes} process{'es' if processes > 1 else ''} over "
             f"{cfg.launcher.num_machines} machine(s) (device {cfg.backend.device}, mixed precision "
             f"{cfg.backend.mixed_precision})",
             f"run dir      {cfg.run_dir or 'a fresh directory under outputs/'}",
-            _memory_lines(cfg, reference.option if reference else "base") if stage.name != "eval" else
+            _memory_lines(cfg, reference.option if reference else "base") if described.trains else
             f"memory       one model loaded at a time ({weight_gib:.2f} GiB of weights; adapters share their base)",
             "resolved configuration:",
             yaml.safe_dump(masked_config(cfg), sort_keys=False).rstrip(),

@@ -12,6 +12,7 @@ from typing import Any
 from .config import RunConfig, one_of, require
 from .modeling import uses_cuda
 from .optional import require_importable
+from .stages.registry import stage_of
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -137,22 +138,17 @@ def _loss_types_from_help(text: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def loss_types(stage: str) -> tuple[str, ...]:
-    """The loss types TRL's DPOConfig (its help text lists them) or SFTConfig (its field's `choices`) accepts."""
-    if stage == "dpo":
-        found = _loss_types_from_help(str(_class_field_metadata("trl", "trainer/dpo_config.py", "DPOConfig",
-                                                                 "loss_type").get("help", "")))
-        if found:
-            return found
-        from trl import DPOConfig
-
-        return _loss_types_from_help(DPOConfig.__dataclass_fields__["loss_type"].metadata["help"])
-    found = tuple(_class_field_metadata("trl", "trainer/sft_config.py", "SFTConfig", "loss_type").get("choices", ()))
+def loss_types(source: tuple[str, str]) -> tuple[str, ...]:
+    """The loss types a TRL config class accepts: its loss_type field's `choices`, or those its help text lists
+    (DPOConfig). source: (file under trl/, class name), from the stage's registry entry."""
+    path, class_name = source
+    metadata = _class_field_metadata("trl", path, class_name, "loss_type")
+    found = tuple(metadata.get("choices", ())) or _loss_types_from_help(str(metadata.get("help", "")))
     if found:
         return found
-    from trl import SFTConfig
-
-    return tuple(SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
+    module = importlib.import_module("trl." + path.removesuffix(".py").replace("/", "."))
+    field_metadata = getattr(module, class_name).__dataclass_fields__["loss_type"].metadata
+    return tuple(field_metadata.get("choices", ())) or _loss_types_from_help(field_metadata.get("help", ""))
 
 
 def _availability_package(function: str) -> str | None:
@@ -210,8 +206,8 @@ SCHEDULERS_NEEDING_KWARGS = {"cosine_with_min_lr": "min_lr or min_lr_rate",
                              "cosine_warmup_with_min_lr": "min_lr or min_lr_rate",
                              "warmup_stable_decay": "num_decay_steps"}
 SCHEDULERS_NEEDING_EVAL = ("reduce_lr_on_plateau", "greedy")
-# DPO loss types TRL refuses with the settings alignment passes.
-DPO_LOSS_TYPES_UNSUPPORTED = {"exo_pair": "needs label_smoothing > 0, which alignment does not set"}
+# Loss types TRL refuses unless a setting is given: (the setting, whether the value admits the loss type).
+LOSS_TYPE_NEEDS = {"exo_pair": ("stage.label_smoothing > 0", lambda stage: getattr(stage, "label_smoothing", 0) > 0)}
 
 
 def _has_eval_split(cfg: RunConfig) -> bool:
@@ -220,15 +216,17 @@ def _has_eval_split(cfg: RunConfig) -> bool:
 
 def check_training_choices(cfg: RunConfig) -> None:
     """optim, lr_scheduler_type, loss_type, attention and padding side: values the libraries accept, usable here."""
-    stage = cfg.stage
-    if stage.name in ("sft", "dpo"):
+    stage, described = cfg.stage, stage_of(cfg)
+    if described.trains:
         _check_optimizer(stage.optim)
         _check_scheduler(cfg)
-        valid = tuple(t for t in loss_types(stage.name) if t not in DPO_LOSS_TYPES_UNSUPPORTED or stage.name != "dpo")
-        unsupported = DPO_LOSS_TYPES_UNSUPPORTED.get(stage.loss_type) if stage.name == "dpo" else None
-        require(stage.loss_type in valid,
-                 f"stage.loss_type={stage.loss_type} is not a loss type TRL's {stage.name.upper()} trainer takes"
-                 + (f" here (it {unsupported})" if unsupported else "") + f". Valid values: {', '.join(valid)}.")
+    if described.loss_types_from is not None:
+        valid = loss_types(described.loss_types_from)
+        require(stage.loss_type in valid, f"stage.loss_type={stage.loss_type} is not a loss type {described.trainer} "
+                                          f"takes. Valid values: {', '.join(valid)}.")
+        needs = LOSS_TYPE_NEEDS.get(stage.loss_type)
+        require(needs is None or needs[1](stage), f"stage.loss_type={stage.loss_type} needs {needs and needs[0]} "
+                                                  f"(TRL refuses it otherwise).")
     _check_attention(cfg)
     one_of("model.tokenizer.padding_side", cfg.model.tokenizer.padding_side, ("right", "left"))
     if cfg.backend.fsdp is not None:

@@ -13,6 +13,7 @@ from .config import RunConfig
 from .rundir import RunDir
 from .secrets import redact_text
 from .sources import looks_local
+from .stages.registry import stage_of
 
 CARD_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
                 "mean_token_accuracy")
@@ -79,7 +80,7 @@ def model_card(cfg: RunConfig, run: RunDir, summary: dict[str, Any]) -> str:
     adapter = (run.model / "adapter_config.json").exists()
     gguf = lineage.get("gguf_source") or {}
     lines = [_front_matter(cfg, run, summary), f"# {run.path.name}", "",
-             f"A {cfg.stage.name.upper()} stage trained with alignment {__version__} on TRL "
+             f"A {cfg.stage.name.upper()} stage ({stage_of(cfg).trainer}) trained with alignment {__version__} on TRL "
              f"{(summary.get('versions') or {}).get('trl', '?')}; saved as {'a LoRA adapter' if adapter else 'a full model'}.",
              "", "## Lineage", "",
              f"- {'sits on' if adapter else 'fine-tuned from'}: `{direct_base(run, summary)}`",
@@ -98,8 +99,10 @@ def model_card(cfg: RunConfig, run: RunDir, summary: dict[str, Any]) -> str:
                                 f"{batch.get('processes')} processes",
                 "max_length": cfg.stage.max_length, "peft": cfg.peft.method, "backend": cfg.backend.name,
                 "seed": cfg.seed}
-    if cfg.stage.name == "dpo":
-        settings.update(beta=cfg.beta, loss=cfg.stage.loss_type, reference=reference.get("option", cfg.ref.name))
+    described = stage_of(cfg)
+    settings.update({key: value for key, value in described.own_settings(cfg.stage).items() if value is not None})
+    if described.reference:
+        settings["reference"] = reference.get("option", cfg.ref.name)
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in settings.items()),
               "", "## Results", ""]
     lines += _metrics_table("Last training step", summary.get("final_metrics") or {})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .config import ArchitectureConfig, RunConfig
+from .stages.registry import stage_of
 
 GB = 1e9  # decimal gigabytes, as GPU memory is quoted (80 GB H100)
 
@@ -50,9 +51,6 @@ ASSUMPTIONS = {
     # working set (counted as the one recomputed layer); a third of a layer more covers the rest. Both
     # factors are fitted on the 105M twin's measured peaks (BENCHMARKS.md), not derived.
     "backward_layers": {False: 2, True: 0.35},
-    # SFT materialises the logits (compute dtype), their fp32 upcast for the loss and its gradient;
-    # TRL's DPO trainer uses a tiled LM head and keeps no full logits.
-    "logit_bytes_per_vocab_entry": {"sft": 8, "dpo": 0},
     # TRL 1.16 computes both losses through a chunked log-prob head (tiles of at most 4096 tokens × 32768
     # vocabulary entries). Its backward holds about 23 bytes per token and vocabulary entry of a tile on the
     # torch path (measured on SmolLM2-135M's 49,152-entry vocabulary, CPU: bench/smollm2_memory.py): the bytes
@@ -97,7 +95,12 @@ class ParameterGroups:
 class PlanInputs:
     arch: ArchitectureConfig
     groups: Optional[ParameterGroups] = None  # null: counted from `arch` (the class built from the facts)
-    stage: str = "dpo"                 # sft | dpo (DPO forwards chosen and rejected together: 2 rows per pair)
+    stage: str = "dpo"                 # the stage's name, for the report
+    # From the stage's registry entry (alignment/stages/registry.py): rows forwarded per example (DPO forwards chosen
+    # and rejected together: 2) and bytes per token and vocabulary entry of the full logits it holds (SFT materialises
+    # the logits, their fp32 upcast and its gradient: 8; TRL's DPO trainer uses a tiled LM head: 0).
+    sequences_per_example: int = 2
+    logit_bytes_per_vocab_entry: int = 0
     dtype: str = "bfloat16"            # weights and compute
     peft: str = "none"                 # none | lora | qlora
     lora_r: int = 16
@@ -270,7 +273,7 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
         root_bytes = (groups.embed + groups.head) * width
         gathered = max(a["gathered_layers"] * layer_bytes, root_bytes if i.backend == "fsdp" else 0.0)
 
-    rows = i.micro_batch * (2 if i.stage == "dpo" else 1)
+    rows = i.micro_batch * i.sequences_per_example
     tokens = rows * i.seq_len
     kv = arch.num_key_value_heads * (arch.head_dim or arch.hidden_size // arch.num_attention_heads)
     act = a["layer_activation"]
@@ -288,11 +291,11 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
         per_token = arch.num_hidden_layers * per_layer
     activations = tokens * per_token
     backward = tokens * per_layer * a["backward_layers"][i.checkpointing]
-    logits = tokens * arch.vocab_size * a["logit_bytes_per_vocab_entry"][i.stage]
+    logits = tokens * arch.vocab_size * i.logit_bytes_per_vocab_entry
     head_working_set = 0.0
     if i.peft != "none":
         head_working_set = (min(tokens, a["lm_head_tile_tokens"]) * arch.vocab_size
-                            * (a["lm_head_backward_bytes_per_vocab_entry"] - a["logit_bytes_per_vocab_entry"][i.stage]))
+                            * (a["lm_head_backward_bytes_per_vocab_entry"] - i.logit_bytes_per_vocab_entry))
 
     terms = {"weights": weights, "trainable weights": adapters / shards, "gradients": gradients,
              "optimizer": optimizer, "reference": reference, "gathered for compute": gathered,
@@ -317,14 +320,16 @@ def plan_inputs(cfg: RunConfig, reference: str, dtype: Optional[str] = None, bac
 
     from .modeling import meta_model
 
-    peft = cfg.peft
+    peft, described = cfg.peft, stage_of(cfg)
     targets = peft.target_modules
     if isinstance(targets, str):  # all-linear: every projection but the output head
         targets = tuple(t for t in linear_module_names(cfg.model) if t != "lm_head")
     return PlanInputs(
-        arch=cfg.model.architecture, groups=parameter_groups(meta_model(cfg.model)), stage=cfg.stage.name, dtype=dtype or cfg.model.dtype, peft=peft.method,
+        arch=cfg.model.architecture, groups=parameter_groups(meta_model(cfg.model)), stage=cfg.stage.name,
+        sequences_per_example=described.sequences_per_example,
+        logit_bytes_per_vocab_entry=described.logit_bytes_per_vocab_entry, dtype=dtype or cfg.model.dtype, peft=peft.method,
         lora_r=peft.r, lora_dropout=peft.dropout, lora_targets=tuple(targets), double_quant=peft.double_quant,
-        reference=reference if cfg.stage.name == "dpo" else "base", optimizer=cfg.stage.optim,
+        reference=reference if described.reference else "base", optimizer=cfg.stage.optim,
         backend=backend or cfg.backend.name, world_size=world_size or cfg.launcher.num_processes,
         micro_batch=cfg.stage.per_device_train_batch_size, seq_len=cfg.stage.max_length,
         checkpointing=cfg.model.gradient_checkpointing, gpu_memory_gb=cfg.launcher.gpu_memory_gb)

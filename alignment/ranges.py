@@ -126,8 +126,9 @@ class NumericSetting:
 
 
 def range_of(owner: type, name: str) -> Range | None:
+    """The range of a field: NUMBER_RANGES, or a stage config's own `number_ranges` (its module states them)."""
     for cls in owner.__mro__:
-        found = NUMBER_RANGES.get(cls.__name__, {}).get(name)
+        found = NUMBER_RANGES.get(cls.__name__, {}).get(name) or vars(cls).get("number_ranges", {}).get(name)
         if found is not None:
             return found
     return None

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 
 from .config import ConfigError, RunConfig
+from .stages.registry import stage_of
 
 OPTIONS = ("auto", "adapter_copy", "base", "separate", "precomputed")
 
@@ -31,10 +32,19 @@ class ReferenceChoice:
 
 
 def choose_reference(cfg: RunConfig, adapter_kept: bool) -> ReferenceChoice:
-    """Resolve ref.name for this composition, or raise ConfigError when the option cannot apply."""
+    """Resolve ref.name for this composition, or raise ConfigError when the option cannot apply (among the options
+    the stage's trainer supports: its registry entry's reference_options)."""
     requested, lora = cfg.ref.name, cfg.peft.method != "none"
+    options = stage_of(cfg).reference_options
     if requested not in OPTIONS:
         raise ConfigError(f"ref={requested} is not supported. Valid values: {', '.join(OPTIONS)}.")
+    if requested not in options:
+        raise ConfigError(f"ref={requested} is not supported by stage={cfg.stage.name}. Valid values: "
+                          f"{', '.join(options)}.")
+    if adapter_kept and "adapter_copy" not in options:
+        raise ConfigError(f"stage={cfg.stage.name} has no frozen copy of a kept parent adapter as its reference, so "
+                          f"keeping the parent's adapter would make the bare base the reference. Use "
+                          f"parent_adapter=merge (the merged SFT model is then the reference).")
     if requested == "auto":
         if adapter_kept:
             return ReferenceChoice("adapter_copy", requested, "the policy starts from the parent's adapter: a frozen "

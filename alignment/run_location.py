@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, require
 from .rundir import OUTPUTS_ROOT
+from .stages.registry import stage_of
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ def bytes_written_at_least(cfg: RunConfig) -> tuple[int, str]:
     """A conservative (low) estimate of what the run writes into its dir, and what that is made of."""
     if cfg.data_report:
         return MIN_RUN_BYTES, "its records and data report"
-    if cfg.stage.name == "eval" or cfg.peft.method != "none":
+    if not stage_of(cfg).trains or cfg.peft.method != "none":
         return MIN_RUN_BYTES, "its records (an adapter or an evaluation adds little)"
     width = {"float32": 4}.get(cfg.model.dtype, 2)
     weights = parameter_floor(cfg) * width

@@ -32,7 +32,7 @@ from .preemption import (Interrupted, StopAtStepBoundary, StopRequest, active_re
                          phase_boundary)
 from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, has_model, is_finished,
                      last_complete_checkpoint, new_run_path, newest_complete_checkpoint, read_summary, update_summary, write_config)
-from .stages import stage_module
+from .stages.registry import stage_of
 from .sweep import current_sweep_name, member_state, objective_value, record_member
 from .trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
 from .start import lineage, prepare_start, resolve_start
@@ -106,7 +106,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         write_config(run, cfg)
     phase_boundary(f"{cfg.stage.name}:created")
     handler = attach_run_log(run) if is_main_process() else None
-    diagnostics = Diagnostics(cfg.diagnostics, cfg.stage.name)
+    diagnostics = Diagnostics(cfg.diagnostics, stage_of(cfg).preference_metrics)
     owned = active_request() is None  # a stage run on its own (tests, the API) handles signals for itself
     stop = StopRequest(cfg.preemption.grace_s).install() if owned else active_request()
     stop.on_timeout = lambda message: update_summary(run, status="interrupted", error=message, ended_at=_now(),
@@ -118,7 +118,8 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
             start = prepare_start(cfg)
         update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
                        start_model=str(start.weights), parent_run=cfg.parent_run, lineage=lineage(cfg, start),
-                       batch=batch_summary(cfg), segments=_segments(run, resume_from),
+                       batch=batch_summary(cfg), stage_settings=stage_of(cfg).own_settings(cfg.stage),
+                       segments=_segments(run, resume_from),
                        resumed_from=str(resume_from) if resume_from else None, **provenance())
         log.info("%s stage in %s, starting from %s %s", cfg.stage.name, run.path, start.kind,
                  start.adapter or start.weights)
@@ -127,14 +128,14 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         diagnostics.records.extend(train_records(earlier))
         tracker_environment(cfg, run)
         tracker = start_tracker(cfg, run) if is_main_process() else None
-        stage = stage_module(cfg.stage.name)
+        stage = stage_of(cfg)
         trainer = stage.build_trainer(cfg, run, start, callbacks=[metrics_writer, CheckpointMarker(run), diagnostics,
                                                                   tokens, stopper, *callbacks])
         tokens.trainer = trainer
         # The implementation the loaded model uses (after any fallback), read back rather than recomputed.
         update_summary(run, attention=getattr(trainer.model.config, "_attn_implementation", None))
-        if hasattr(stage, "reference_summary"):
-            update_summary(run, reference=stage.reference_summary(trainer))
+        if stage.summarize is not None:
+            update_summary(run, **stage.summarize(trainer))
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         phase_boundary(f"{cfg.stage.name}:trained")
         if stop.requested:  # stopped at a step boundary; the trainer saved a checkpoint there
@@ -301,7 +302,7 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
             report_data(link, previous=links[index - 1] if index > 0 else None)
         return path
     shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-    if cfg.stage.name == "eval":
+    if not stage_of(cfg).trains:
         with handling_signals(cfg.preemption.grace_s):
             report = evaluate_stage(cfg)
         print(f"\n{format_headline(report)}\n\nrun dir: {shown}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .backends import check_engine_installed, check_wrap_class
 from .batch import batch_plan
-from .config import DATASET_FORMAT_FOR_STAGE, STAGES, RunConfig, one_of, require
+from .config import RunConfig, one_of, require
 from .library_choices import check_training_choices
 from .ranges import check_numbers
 from .run_location import check_run_location
@@ -23,6 +23,7 @@ from .ranks import launched_run_dir
 from .reference import choose_reference
 from .rundir import RunDir, check_run_dir, has_model
 from .secrets import check_secret_settings, is_local_url, read_secret_env
+from .stages.registry import stage_of
 from .start import is_adapter_dir, keeps_parent_adapter, parent_is_adapter
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -47,11 +48,13 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     previous: the chain link before this one, whose run dir (this link's parent) does not exist yet.
     """
     check_secret_settings(cfg)  # *_env settings name a variable, never hold a key; no secret in a run's name
-    stage = cfg.stage
-    one_of("stage.name", stage.name, STAGES)
+    stage, described = cfg.stage, stage_of(cfg)
+    require(not described.trains or cfg.learning_rate is not None,
+             f"learning_rate is mandatory for stage={stage.name} and has no value. Set it, e.g. learning_rate=5e-7.")
     check_numbers(cfg)  # every int and float setting: finite, and inside its range (NUMBER_RANGES)
-    require(stage.max_prompt_length is None or 1 <= stage.max_prompt_length < stage.max_length,
-             f"stage.max_prompt_length must be null or in [1, stage.max_length) (got {stage.max_prompt_length} with "
+    budget = getattr(stage, "max_prompt_length", None)
+    require(budget is None or 1 <= budget < stage.max_length,
+             f"stage.max_prompt_length must be null or in [1, stage.max_length) (got {budget} with "
              f"max_length {stage.max_length}): a prompt must leave room for the response.")
     _check_positions(cfg)
     check_training_choices(cfg)
@@ -79,7 +82,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     _check_start_and_reference(cfg, previous)
     if not cfg.parent_run:
         check_model_source(cfg.model, is_offline(cfg))
-    if stage.name == "dpo" and cfg.ref.name == "separate":
+    if described.reference and cfg.ref.name == "separate":
         check_model_source(cfg.model, is_offline(cfg), path=cfg.ref.path, key="ref.path")
     check_sources(cfg.dataset, is_offline(cfg))
     # A launched rank's dir was checked by its parent, a secondary machine's by machine 0.
@@ -91,7 +94,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
 
 def _check_dataset(cfg: RunConfig) -> None:
     """Schemas agree with the stage and policies are spelled right; paths are checked later by check_sources."""
-    wanted = DATASET_FORMAT_FOR_STAGE[cfg.stage.name]
+    wanted = stage_of(cfg).data_format
     dataset = cfg.dataset
     for index, source in enumerate(dataset.sources):
         key = source_key(index)
@@ -99,8 +102,8 @@ def _check_dataset(cfg: RunConfig) -> None:
         require(error is None, error or "")
         fmt = SCHEMAS[source.schema].format
         # stage=eval without the preference accuracy only draws prompts: chat data serves as well.
-        require(fmt == wanted or (cfg.stage.name == "eval" and not cfg.eval.preference),
-                 f"stage={cfg.stage.name} {'evaluates' if cfg.stage.name == 'eval' else 'trains'} on {wanted} data, "
+        require(fmt == wanted or (not stage_of(cfg).trains and not cfg.eval.preference),
+                 f"stage={cfg.stage.name} {'evaluates' if not stage_of(cfg).trains else 'trains'} on {wanted} data, "
                  f"but {key} ({source.name}) has schema "
                  f"{source.schema}, which holds {fmt} data. Pick a matching dataset, e.g. "
                  f"{'dataset=ultrachat_200k' if wanted == 'chat' else 'dataset=ultrafeedback_binarized'} "
@@ -116,7 +119,7 @@ def _check_dataset(cfg: RunConfig) -> None:
 def _check_eval(cfg: RunConfig) -> None:
     """Evaluation settings, the judge and the prompts file: refused before any training starts."""
     settings = cfg.eval
-    if cfg.stage.name != "eval" and not settings.after_training:
+    if stage_of(cfg).trains and not settings.after_training:
         return
     generation = settings.generation
     require(settings.batch_size >= 1, f"eval.batch_size must be >= 1 (got {settings.batch_size}).")
@@ -145,7 +148,7 @@ def _check_eval(cfg: RunConfig) -> None:
         require(reference.exists() or not settings.reference.startswith(("/", ".", "~")),
                  f"eval.reference={settings.reference} does not exist. Give a run dir, a model or adapter dir, or a "
                  f"hub id, or null for the evaluated run's own reference.")
-    if cfg.stage.name == "eval":
+    if not stage_of(cfg).trains:
         require(cfg.backend.name == "single",
                  f"stage=eval runs in one process, but backend={cfg.backend.name}. Use backend=single (the default).")
         _check_evaluated_model(cfg)
@@ -235,7 +238,7 @@ def _check_start_and_reference(cfg: RunConfig, previous: RunConfig | None) -> No
     require(not (from_adapter and cfg.parent_adapter == "keep" and cfg.peft.method == "none"),
              "parent_adapter=keep trains the parent's LoRA adapter further, which needs peft=lora or peft=qlora. "
              "Use parent_adapter=merge (or auto) to fold it into its base and train every weight.")
-    if cfg.stage.name == "dpo":
+    if stage_of(cfg).reference:
         choose_reference(cfg, adapter_kept=keeps_parent_adapter(cfg, from_adapter))
 
 

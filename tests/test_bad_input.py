@@ -433,10 +433,20 @@ def test_library_lists_read_from_source_are_the_libraries_own():
     assert library_choices.optimizer_names() == tuple(o.value for o in OptimizerNames)
     assert library_choices.scheduler_names() == tuple(s.value for s in SchedulerType)
     assert set(library_choices.attention_names()) == {"eager", *AttentionInterface._global_mapping}
-    assert library_choices.loss_types("sft") == tuple(SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
-    dpo = library_choices.loss_types("dpo")
-    assert "sigmoid" in dpo and "ipo" in dpo and DPOConfig.__dataclass_fields__["loss_type"].default_factory() == \
-        ["sigmoid"]
+    from trl import KTOConfig
+    from trl.experimental.cpo import CPOConfig
+
+    from alignment.stages.registry import stage_named
+
+    def read(name):
+        return library_choices.loss_types(stage_named(name).loss_types_from)
+
+    assert read("sft") == tuple(SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
+    assert read("kto") == tuple(KTOConfig.__dataclass_fields__["loss_type"].metadata["choices"])
+    assert read("cpo") == tuple(CPOConfig.__dataclass_fields__["loss_type"].metadata["choices"])
+    dpo = read("dpo")
+    assert {"sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down"} <= set(dpo)
+    assert DPOConfig.__dataclass_fields__["loss_type"].default_factory() == ["sigmoid"]
 
 
 def test_optimizer_checks_agree_with_what_transformers_builds(tmp_path):

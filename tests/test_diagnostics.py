@@ -252,7 +252,7 @@ class _State:
 def test_a_collapse_stops_training_with_the_diagnosis():
     """The callback raises TrainingCollapsed at the step it is certain (before that step's checkpoint); the runner
     then marks the run `failed` with the message (alignment/runner.py's except path) and summary.json keeps the alarm."""
-    diagnostics = Diagnostics(ALARM_SETTINGS, "sft")
+    diagnostics = Diagnostics(ALARM_SETTINGS, preference_metrics=False)
     grads = {1: 0.66, 2: 0.81}
     with pytest.raises(TrainingCollapsed, match="training collapsed.*Lower learning_rate"):
         for step in range(1, 10):

@@ -50,7 +50,7 @@ def data_format(dataset: DatasetConfig) -> str:
 
 
 def prompt_budget(cfg: RunConfig) -> int:
-    return cfg.stage.max_prompt_length or cfg.stage.max_length - 1
+    return getattr(cfg.stage, "max_prompt_length", None) or cfg.stage.max_length - 1  # chat stages have none
 
 
 def _cache_root() -> Path:

@@ -71,7 +71,7 @@ def build_report(cfg: RunConfig, processed, splits: dict[str, Any], findings: li
         "dataset": cfg.dataset.name,
         "format": SCHEMAS[cfg.dataset.schema].format,
         "max_length": cfg.stage.max_length,
-        "max_prompt_length": cfg.stage.max_prompt_length,
+        "max_prompt_length": getattr(cfg.stage, "max_prompt_length", None),
         "seed": cfg.seed,
         "composition": composition,
         "totals": totals,

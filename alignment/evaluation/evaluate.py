@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import yaml
 
 from ..config import ConfigError, RunConfig
 from ..rundir import RunDir, read_summary, update_summary, write_json
@@ -83,9 +82,15 @@ def subjects_of_run(run_path: Path, cfg: RunConfig) -> Subjects:
         reference = ModelSource(weights=start.weights)  # every adapter disabled
     else:  # precomputed, adapter_copy, and an SFT run: the starting model
         reference = start
-    config = yaml.safe_load((run_path / "config.yaml").read_text()) if (run_path / "config.yaml").exists() else {}
+    # The evaluated run's own beta, as its summary records its stage's settings (a stage without one: the default).
+    beta = (summary.get("stage_settings") or {}).get("beta") or DEFAULT_REWARD_BETA
     return Subjects(candidate=model_source(str(run_path), cfg), reference=reference, start=start,
-                    tokenizer=str(RunDir(run_path).model), beta=float(config.get("beta", cfg.beta)))
+                    tokenizer=str(RunDir(run_path).model), beta=float(beta))
+
+
+# The implicit reward's scale, beta × (log π - log π_ref), for a model no beta came with (an SFT run, a checkpoint):
+# DPO's default. The accuracy does not depend on it; the reported margins scale with it.
+DEFAULT_REWARD_BETA = 0.1
 
 
 def subjects_of_config(cfg: RunConfig) -> Subjects:
@@ -96,7 +101,7 @@ def subjects_of_config(cfg: RunConfig) -> Subjects:
     candidate = ModelSource(weights=str(start.weights))
     reference = model_source(cfg.eval.reference, cfg) if cfg.eval.reference else candidate
     return Subjects(candidate=candidate, reference=reference, start=None, tokenizer=str(start.tokenizer),
-                    beta=cfg.beta)
+                    beta=DEFAULT_REWARD_BETA)
 
 
 def _each_model(sources: list[ModelSource], cfg: RunConfig) -> Iterator[tuple[ModelSource, Any]]:

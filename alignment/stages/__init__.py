@@ -1,9 +1,1 @@
-"""One module per training stage; each exposes `build_trainer(cfg, run, start, callbacks)`."""
-
-from __future__ import annotations
-
-from importlib import import_module
-
-
-def stage_module(name: str):
-    return import_module(f"alignment.stages.{name}")
+"""One module per stage; each defines its typed config and registers a `Stage` (alignment/stages/registry.py)."""

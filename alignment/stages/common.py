@@ -92,22 +92,35 @@ def _our_trainer_class(trainer_class, prepared_data: Path | None):
         def create_model_card(self, *args, **kwargs) -> None:
             return None
 
-        def _prepare_dataset(self, *args, **kwargs):
-            with adding_derived_files(self.prepared_data_dir, is_main_process(), "tokenized data"):
-                return super()._prepare_dataset(*args, **kwargs)
+        if hasattr(trainer_class, "_prepare_dataset"):
+            def _prepare_dataset(self, *args, **kwargs):
+                with adding_derived_files(self.prepared_data_dir, is_main_process(), "tokenized data"):
+                    return super()._prepare_dataset(*args, **kwargs)
+        else:
+            # TRL's experimental trainers (ORPO, CPO) tokenize inside __init__ with `datasets.map`, whose cache files
+            # land in the prepared-data entry: the same guard, around the whole constructor.
+            def __init__(self, *args, **kwargs):
+                with adding_derived_files(self.prepared_data_dir, is_main_process(), "tokenized data"):
+                    super().__init__(*args, **kwargs)
 
     OurTrainer.__name__ = OurTrainer.__qualname__ = trainer_class.__name__
     return OurTrainer
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, config_class, trainer_class,
-                  trainer_extras: Callable[[PreparedData], dict] | None = None, **stage_arguments):
+                  trainer_extras: Callable[[PreparedData], dict] | None = None,
+                  convert_rows: Callable[[Any], Any] | None = None, **stage_arguments):
     """Tokenizer, then data (bad rows stop the run before any weights load), then weights, into a TRL trainer.
 
     trainer_extras(data) gives stage-specific trainer arguments that need the prepared data (DPO's reference).
+    convert_rows(split) turns the prepared rows into the ones the trainer reads (KTO: pairs into labelled rows).
     """
     with main_process_first():  # rank 0 fills the prepared-data cache; the other ranks then read it
         tokenizer, data = prepare_data(cfg, run, start.tokenizer)
+    train_rows, eval_rows = data.train, data.eval
+    if convert_rows is not None:
+        train_rows = convert_rows(train_rows)
+        eval_rows = convert_rows(eval_rows) if eval_rows is not None else None
     phase_boundary(f"{cfg.stage.name}:data_prepared")
     model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
@@ -115,8 +128,8 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
     trainer = _our_trainer_class(trainer_class, data.location)(
         model=model,
         args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         # A kept parent adapter is already on the model and keeps its own LoRA settings.
         peft_config=None if start.has_adapter else lora_config(cfg.peft),

@@ -4,15 +4,34 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+from dataclasses import dataclass
+from typing import ClassVar
 
-from ..config import RunConfig
+from ..config import PreferenceStageConfig, RunConfig
 from ..modeling import load_model
+from ..ranges import Range
 from ..reference import choose_reference, precompute_key
 from ..rundir import RunDir
 from ..start import StartingPoint
 from . import common
+from .registry import Stage, register
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOStageConfig(PreferenceStageConfig):
+    beta: float = 0.1                # strength of the KL anchor to the reference (set with the short key `beta`)
+    # TRL's DPO losses (sweepable like beta): sigmoid (the paper's), ipo, hinge, robust, apo_zero, apo_down, ...
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0     # robust: assumed share of flipped labels, in [0, 0.5); exo_pair: > 0
+
+    number_ranges: ClassVar[dict[str, Range]] = {
+        "beta": Range(0, low_open=True, note=" It scales DPO's implicit reward; typical values are 0.01-0.5, e.g. "
+                                             "beta=0.1 (for loss_type=ipo it is IPO's tau)."),
+        "label_smoothing": Range(0, 0.5, high_open=True),
+    }
 
 
 def _trainer_class():
@@ -79,8 +98,9 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=(
 
     trainer = common.build_trainer(
         cfg, run, start, callbacks, DPOConfig, _trainer_class(), reference_arguments,
-        beta=cfg.beta,
+        beta=cfg.stage.beta,
         loss_type=[cfg.stage.loss_type],
+        label_smoothing=cfg.stage.label_smoothing,
         precompute_ref_log_probs=choice.option == "precomputed",
     )
     model = trainer.model
@@ -98,4 +118,26 @@ def reference_summary(trainer) -> dict:
     if summary["option"] == "precomputed":
         summary.update(caches=trainer.reference_caches, forward_batches=trainer.reference_forward_batches,
                        reused=trainer.reference_forward_batches == 0)
-    return summary
+    return {"reference": summary}
+
+
+def initial_loss(stage_config) -> float | None:
+    """The DPO-family loss at policy = reference (every log-ratio 0), where it has a closed form."""
+    beta = stage_config.beta
+    return {
+        "sigmoid": math.log(2),                      # -log σ(0)
+        "robust": math.log(2),                       # ((1-ε) - ε) ln 2 / (1 - 2ε)
+        "hinge": 1.0,                                # relu(1 - 0)
+        "ipo": (1 / (2 * beta)) ** 2,                # (0 - 1/(2β))²
+        "apo_zero": 1.0,                             # (1 - σ(0)) + σ(0)
+        "apo_down": 1.0,                             # σ(0) + (1 - σ(0))
+    }.get(stage_config.loss_type)
+
+
+STAGE = register(Stage(
+    name="dpo", loss_types_from=("trainer/dpo_config.py", "DPOConfig"), config=DPOStageConfig, description="direct preference optimisation against a reference model",
+    trainer="trl.DPOTrainer", data_format="preference", build_trainer=build_trainer, reference=True,
+    sequences_per_example=2,  # chosen and rejected forwarded together
+    logit_bytes_per_vocab_entry=0,  # TRL's DPO trainer uses a tiled LM head and keeps no full logits
+    preference_metrics=True, initial_loss=initial_loss, summarize=reference_summary,
+))
