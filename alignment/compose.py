@@ -223,9 +223,14 @@ def compose_run_config(overrides: list[str]) -> RunConfig:
 
 
 def _known_keys() -> list[str]:
-    from omegaconf import OmegaConf
+    keys = flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig), throw_on_missing=False))
+    return [*keys, *{f"stage.{name}" for stage in all_stages().values() for name in stage.config.__dataclass_fields__}]
 
-    return list(flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig), throw_on_missing=False)))
+
+def _stages_with(key: str) -> list[str]:
+    """The stages whose config has `stage.<name>`."""
+    name = key.removeprefix("stage.")
+    return [stage.name for stage in all_stages().values() if name in stage.config.__dataclass_fields__]
 
 
 def _first_sentence(err: Exception) -> str:
@@ -233,6 +238,10 @@ def _first_sentence(err: Exception) -> str:
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown:
         key = unknown.group(1)
+        owners = _stages_with(key) if key.startswith("stage.") else []
+        if owners:
+            return (f"{key} is not a setting of this stage (each stage has its own settings; {key} belongs to "
+                    f"stage={', stage='.join(owners)}). Remove it, or pick one of those stages.")
         close = difflib.get_close_matches(key, _known_keys(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " `python -m alignment --help` lists every key."
         return f"unknown key '{key}' on the command line.{hint}"

@@ -219,7 +219,8 @@ def _check_backend(cfg: RunConfig) -> None:
                  f"`backend={name}`, which brings them (alignment/conf/backend/{name}.yaml).")
     if backend.name == "fsdp":
         check_wrap_class(cfg)
-    batch_plan(cfg, resolve_launcher(cfg).launcher.num_processes)
+    if stage_of(cfg).trains:
+        batch_plan(cfg, resolve_launcher(cfg).launcher.num_processes)
 
 
 def _check_parent(parent: Path) -> None:

@@ -16,7 +16,6 @@ from ..config import PreferenceStageConfig, RunConfig
 from ..ranges import Range
 from ..rundir import RunDir
 from ..start import StartingPoint
-from . import common
 from .registry import Stage, register
 
 
@@ -36,6 +35,7 @@ class CPOStageConfig(PreferenceStageConfig):
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
+    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     stage = cfg.stage

@@ -14,7 +14,6 @@ from ..ranges import Range
 from ..reference import choose_reference, precompute_key
 from ..rundir import RunDir
 from ..start import StartingPoint
-from . import common
 from .registry import Stage, register
 
 log = logging.getLogger(__name__)
@@ -85,6 +84,7 @@ def _trainer_class():
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
+    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
     from trl import DPOConfig
 
     choice = choose_reference(cfg, adapter_kept=start.has_adapter)

@@ -18,7 +18,6 @@ from ..ranges import Range
 from ..reference import choose_reference
 from ..rundir import RunDir
 from ..start import StartingPoint
-from . import common
 from .registry import Stage, register
 
 
@@ -44,6 +43,7 @@ def unpaired(rows):
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
+    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
     from trl import KTOConfig, KTOTrainer
 
     stage = cfg.stage

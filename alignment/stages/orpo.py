@@ -15,7 +15,6 @@ from ..config import PreferenceStageConfig, RunConfig
 from ..ranges import Range
 from ..rundir import RunDir
 from ..start import StartingPoint
-from . import common
 from .registry import Stage, register
 
 
@@ -29,6 +28,7 @@ class ORPOStageConfig(PreferenceStageConfig):
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
+    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     return common.build_trainer(cfg, run, start, callbacks, ORPOConfig, ORPOTrainer, beta=cfg.stage.beta)

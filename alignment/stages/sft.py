@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from ..config import RunConfig, TrainingStageConfig
 from ..rundir import RunDir
 from ..start import StartingPoint
-from . import common
 from .registry import Stage, register
 
 
@@ -19,6 +18,7 @@ class SFTStageConfig(TrainingStageConfig):
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
+    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
     from trl import SFTConfig, SFTTrainer
 
     return common.build_trainer(
