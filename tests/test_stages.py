@@ -17,7 +17,6 @@ import dataclasses
 import importlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,6 @@ import yaml
 from transformers import TrainerCallback
 
 from tests.conftest import REPO, run_cli, train
-
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 LOSS_TOLERANCE = 1e-5
 STEPS, MICRO, LR, SEED, MAX_LENGTH = 3, 4, 1e-3, 42, 128
@@ -219,7 +216,7 @@ def _logits(model_dir: Path):
 
 @pytest.mark.slow
 def test_orpo_under_fsdp_with_two_processes_matches_one_process(tmp_path):
-    single = _cli_run(tmp_path / "single", *FSDP_ORPO)
+    single = train(tmp_path, "single", *FSDP_ORPO).run.path  # in this process: the reference needs no launcher
     sharded = _cli_run(tmp_path / "fsdp", *FSDP_ORPO, "backend=fsdp", "launcher.num_processes=2")
     single_summary = json.loads((single / "summary.json").read_text())
     summary = json.loads((sharded / "summary.json").read_text())
@@ -316,7 +313,8 @@ def test_a_stage_of_ones_own_runs_from_a_module_and_a_yaml(tmp_path):
     assert (run_dir / "model" / "config.json").exists() and (run_dir / "model" / "model.safetensors").exists()
 
     # A key the stage does not have is refused, for one's own stage as for a built-in one.
-    unknown = run_cli("--config-dir", str(conf), "stage=mymethod", "stage.packing=true", cwd=tmp_path, env=env)
+    unknown = run_cli("--config-dir", str(conf), "stage=mymethod", "dataset=tiny_dpo", "stage.packing=true",
+                      cwd=tmp_path, env=env)
     assert unknown.returncode == 2 and len(_error_lines(unknown)) == 1 and "stage.packing" in _error_lines(unknown)[0]
 
 
@@ -327,7 +325,6 @@ def test_a_key_the_stage_does_not_have_is_refused(tmp_path):
     assert len(errors) == 1 and "stage.packing" in errors[0], result.stdout + result.stderr
 
 
-@pytest.mark.slow  # composes every stage to list the ones with a beta (~9 s)
 def test_a_short_key_the_stage_does_not_have_is_refused(tmp_path):
     result = run_cli("beta=0.5", "stage=sft", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
