@@ -142,7 +142,7 @@ def test_stage_sets_its_own_learning_rate_default():
     assert compose_run_config(["stage=dpo"]).learning_rate == 5e-7
 
 
-@pytest.mark.parametrize("name, expected", [("mistral7b", 7_241_732_096), ("qwen72b", 72_706_203_648)])
+@pytest.mark.parametrize("name, expected", [("mistral7b", 7_241_732_096), ("llama3_8b", 8_030_261_248), ("qwen72b", 72_706_203_648)])
 def test_architecture_facts_count_the_real_parameters(name, expected):
     """The YAML facts, instantiated on the meta device from the real transformers classes."""
     import torch
