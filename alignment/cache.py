@@ -145,10 +145,13 @@ def _discard(entry: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def cache_root() -> Path:
+    # Absolute: models built here are the recorded bases of adapters, which must load from any directory.
+    return Path(os.environ.get("ALIGNMENT_CACHE", Path.home() / ".cache" / "alignment")).expanduser().resolve()
+
+
 def record_build(kind: str, entry: Path, seconds: float) -> None:
     """One line per build in builds.jsonl at the cache root (appends of one short line are atomic)."""
-    from .tiny import cache_root
-
     line = json.dumps({"kind": kind, "entry": str(entry), "pid": os.getpid(), "seconds": round(seconds, 3),
                        "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
     path = cache_root() / BUILD_LOG

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import yaml
 
-from .batch import batch_plan
 from .config import RunConfig
 from .data.pipeline import prompt_budget
 from .plan import ASSUMPTIONS, model_parameter_count, plan_inputs, plan_memory
-from .reference import choose_reference
+from .resolved_plan import ResolvedPlan, plan_of
 from .stages.registry import stage_of
-from .start import keeps_parent_adapter, parent_is_adapter
 from .rundir import masked_config
 from .validation import is_offline
 
@@ -67,14 +65,14 @@ def _memory_lines(cfg: RunConfig, reference: str) -> str:
     return "\n".join(lines)
 
 
-def _training_line(cfg: RunConfig, processes: int) -> str:
+def _training_line(cfg: RunConfig, plan: ResolvedPlan) -> str:
     """Steps, learning rate, batch split, lengths and the stage's own settings (beta, loss_type, ...)."""
     stage = cfg.stage
     steps = f"max_steps={stage.max_steps}" if stage.max_steps > 0 else f"{stage.num_train_epochs:g} epoch(s)"
     own = stage_of(cfg).own_settings(stage)
     if "max_prompt_length" in own:
         own["max_prompt_length"] = prompt_budget(cfg)
-    return (f"training     {steps}, lr={cfg.learning_rate:g}, {batch_plan(cfg, processes).describe()}, "
+    return (f"training     {steps}, lr={cfg.learning_rate:g}, {plan.batch.describe()}, "
             f"max_length={stage.max_length}" + "".join(f", {key}={value:g}" if isinstance(value, float) else
                                                       f", {key}={value}" for key, value in own.items()))
 
@@ -86,9 +84,8 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
         previous = links[index - 2] if index > 1 else None
         params = model_parameter_count(cfg.model)
         weight_gib = params * ASSUMPTIONS["dtype_bytes"][cfg.model.dtype] / 2**30
-        adapter_kept = keeps_parent_adapter(cfg, parent_is_adapter(cfg, previous))
-        described = stage_of(cfg)
-        reference = choose_reference(cfg, adapter_kept) if described.reference else None
+        described, plan = stage_of(cfg), plan_of(cfg, previous)
+        adapter_kept, reference = plan.adapter_kept, plan.reference
         if cfg.parent_run:
             start = f"the model of {cfg.parent_run}"
         elif index > 1:
@@ -98,7 +95,7 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
         else:
             start = _checkpoint_line(cfg)
         stage = cfg.stage
-        processes = cfg.launcher.num_processes or 1
+        processes = plan.processes
         lines = [
             f"== stage {index}/{len(links)}: {stage.name} with {described.trainer} =="
             + (f" ({described.experimental}: TRL's experimental API)" if described.experimental else ""),
@@ -108,11 +105,12 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
             *([f"reference    {reference.option}"
                + (f" (ref=auto: {reference.reason})" if reference.requested == "auto" else "")] if reference else []),
             *_dataset_lines(cfg),
-            *([_training_line(cfg, processes)] if described.trains else []),
+            *([_training_line(cfg, plan)] if described.trains else []),
             *_evaluation_lines(cfg),
             f"backend      {cfg.backend.name} on {processes} process{'es' if processes > 1 else ''} over "
-            f"{cfg.launcher.num_machines} machine(s) (device {cfg.backend.device}, mixed precision "
-            f"{cfg.backend.mixed_precision})",
+            f"{plan.machines} machine(s) (device {cfg.backend.device}, mixed precision "
+            f"{cfg.backend.mixed_precision}" + (f": {plan.precision}" if cfg.backend.mixed_precision == "auto" else "")
+            + ")",
             f"run dir      {cfg.run_dir or 'a fresh directory under outputs/'}",
             _memory_lines(cfg, reference.option if reference else "base") if described.trains else
             f"memory       one model loaded at a time ({weight_gib:.2f} GiB of weights; adapters share their base)",

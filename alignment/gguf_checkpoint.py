@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .cache import publish_once, sha256
+from .cache import cache_root, publish_once, sha256
 from .checkpoint import ModelSource
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,6 @@ def _key(path: Path) -> str:
 
 
 def converted_dir_for(source: ModelSource) -> Path:
-    from .tiny import cache_root
-
     path = Path(source.reference) / source.gguf_file
     return cache_root() / GGUF_DIR / f"{Path(source.gguf_file).stem}-{_key(path)}"
 

@@ -18,7 +18,7 @@ from .compose import compose_run_config, link_overrides
 from .config import ConfigError, RunConfig, freeze
 from .modeling import uses_cuda
 from .backends import engine_report, save_model
-from .batch import batch_plan
+from .resolved_plan import plan_of, write_plan
 from .diagnostics import Diagnostics
 from .dryrun import describe
 from .evaluation import EVAL_DIR, evaluate, format_headline, subjects_of_config, subjects_of_run
@@ -60,9 +60,9 @@ def _now() -> str:
 
 
 def batch_summary(cfg: RunConfig) -> dict[str, int]:
-    plan = batch_plan(cfg, cfg.launcher.num_processes or 1)
-    return {"global": plan.global_batch, "micro": plan.micro_batch, "accumulation": plan.accumulation,
-            "processes": plan.processes}
+    batch = plan_of(cfg).batch
+    return {"global": batch.global_batch, "micro": batch.micro_batch, "accumulation": batch.accumulation,
+            "processes": batch.processes}
 
 
 def _resume_point(run: RunDir, cfg: RunConfig) -> Path | None:
@@ -118,7 +118,8 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
             start = prepare_start(cfg)
         update_summary(run, status="running", stage=cfg.stage.name, run_dir=str(run.path), started_at=_now(),
                        start_model=str(start.weights), parent_run=cfg.parent_run, lineage=lineage(cfg, start),
-                       batch=batch_summary(cfg), stage_settings=stage_of(cfg).own_settings(cfg.stage),
+                       batch=batch_summary(cfg), plan=plan_of(cfg).as_dict(),
+                       stage_settings=stage_of(cfg).own_settings(cfg.stage),
                        segments=_segments(run, resume_from),
                        resumed_from=str(resume_from) if resume_from else None, **provenance())
         log.info("%s stage in %s, starting from %s %s", cfg.stage.name, run.path, start.kind,
@@ -407,6 +408,9 @@ def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> list[Ru
     else:
         validate(cfg)
         links = [cfg]
+    if not secondary:  # the ranks build their trainers from the plan made here (alignment/resolved_plan.py)
+        for index, link in enumerate(links):
+            write_plan(Path(link.run_dir), plan_of(link, links[index - 1] if index > 0 else None))
     try:
         launch(cfg, user_overrides, uses_cuda(cfg))
     except LaunchFailed:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
-from .cache import publish_once
+from .cache import cache_root, publish_once
 from .config import FIXTURES_DIR, ModelConfig, as_dict
 from .templates import CHATML_TEMPLATE
 
@@ -34,11 +33,6 @@ _PROSE = (
     "The quick brown fox jumps over the lazy dog. Here is a short explanation of the result. "
     "Thank you for asking; let me know if you have another question about numbers, words or code."
 )
-
-
-def cache_root() -> Path:
-    # Absolute: models built here are the recorded bases of adapters, which must load from any directory.
-    return Path(os.environ.get("ALIGNMENT_CACHE", Path.home() / ".cache" / "alignment")).expanduser().resolve()
 
 
 def _corpus() -> list[str]:

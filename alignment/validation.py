@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from .backends import check_engine_installed, check_wrap_class
-from .batch import batch_plan
 from .config import RunConfig, one_of, require
 from .library_choices import check_training_choices
 from .ranges import check_numbers
@@ -20,11 +19,11 @@ from .launch import is_secondary_machine, resolve_launcher, visible_gpus
 from .modeling import check_model_source, check_target_modules, uses_cuda
 from .optional import require_importable
 from .ranks import launched_run_dir
-from .reference import choose_reference
+from .resolved_plan import resolve_plan
 from .rundir import RunDir, check_run_dir, has_model
 from .secrets import check_secret_settings, is_local_url, read_secret_env
 from .stages.registry import stage_of
-from .start import is_adapter_dir, keeps_parent_adapter, parent_is_adapter
+from .start import is_adapter_dir, parent_is_adapter
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -90,6 +89,9 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
         check_run_location(cfg)  # a file, an unwritable or read-only place, too little space: refused unwritten
         if cfg.run_dir is not None:
             check_run_dir(Path(cfg.run_dir), cfg.resume)
+    # The decisions (batch split, reference, precision, ...), made once here and reused downstream: a choice
+    # that cannot be made (a global batch that does not split, a reference option that cannot apply) is refused.
+    resolve_plan(cfg, previous)
 
 
 def _check_dataset(cfg: RunConfig) -> None:
@@ -219,8 +221,7 @@ def _check_backend(cfg: RunConfig) -> None:
                  f"`backend={name}`, which brings them (alignment/conf/backend/{name}.yaml).")
     if backend.name == "fsdp":
         check_wrap_class(cfg)
-    if stage_of(cfg).trains:
-        batch_plan(cfg, resolve_launcher(cfg).launcher.num_processes)
+
 
 
 def _check_parent(parent: Path) -> None:
@@ -239,8 +240,7 @@ def _check_start_and_reference(cfg: RunConfig, previous: RunConfig | None) -> No
     require(not (from_adapter and cfg.parent_adapter == "keep" and cfg.peft.method == "none"),
              "parent_adapter=keep trains the parent's LoRA adapter further, which needs peft=lora or peft=qlora. "
              "Use parent_adapter=merge (or auto) to fold it into its base and train every weight.")
-    if stage_of(cfg).reference:
-        choose_reference(cfg, adapter_kept=keeps_parent_adapter(cfg, from_adapter))
+
 
 
 def _check_model_type(cfg: RunConfig) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..cache import cache_root, entry_problem, publish_once
 from ..config import ConfigError, DatasetConfig, RunConfig, SourceConfig, as_dict
 from . import lint as linter
 from .lengths import measure_chat, measure_preference
@@ -54,8 +55,6 @@ def prompt_budget(cfg: RunConfig) -> int:
 
 
 def _cache_root() -> Path:
-    from ..tiny import cache_root
-
     return cache_root() / "data"
 
 
@@ -217,7 +216,6 @@ def private_dir(cfg: RunConfig) -> Path:
 def prepared_dir(cfg: RunConfig, tokenizer) -> Path:
     """Where the stage's prepared splits are: the verified shared cache entry (built once, under its lock, by
     whichever process gets there first), or with dataset.cache=false a fresh private copy."""
-    from ..cache import entry_problem, publish_once
     from ..ranks import is_main_process
 
     key = fingerprint(cfg, tokenizer)

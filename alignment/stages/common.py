@@ -9,10 +9,11 @@ from typing import Any, Callable
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..backends import arm_engine
-from ..batch import batch_plan
+from ..cache import adding_derived_files
 from ..config import RunConfig
 from ..data import PreparedData, prepare
-from ..modeling import load_policy, load_tokenizer, lora_config, mixed_precision, uses_cuda
+from ..modeling import load_policy, load_tokenizer, lora_config, uses_cuda
+from ..resolved_plan import plan_of
 from ..preemption import phase_boundary
 from ..ranks import is_main_process, main_process_first
 from ..rundir import RunDir, write_json
@@ -22,8 +23,8 @@ from ..tracking import MetricsProgress
 
 
 def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, Any]:
-    stage = cfg.stage
-    precision = mixed_precision(cfg)
+    stage, plan = cfg.stage, plan_of(cfg)
+    precision = plan.precision
     evaluate_during_training = has_eval and stage.eval_steps is not None
     return dict(
         output_dir=str(run.checkpoints),
@@ -35,7 +36,7 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, 
         num_train_epochs=stage.num_train_epochs,
         per_device_train_batch_size=stage.per_device_train_batch_size,
         per_device_eval_batch_size=stage.per_device_eval_batch_size,
-        gradient_accumulation_steps=batch_plan(cfg, cfg.launcher.num_processes or 1).accumulation,
+        gradient_accumulation_steps=plan.batch.accumulation,
         lr_scheduler_type=stage.lr_scheduler_type,
         warmup_steps=stage.warmup_ratio,  # transformers 5 reads a value below 1 as a fraction of the steps
         weight_decay=stage.weight_decay,
@@ -84,8 +85,6 @@ def _our_trainer_class(trainer_class, prepared_data: Path | None):
       under the prepared-data entry's lock: one process tokenizes, concurrent runs wait and reuse, and a cached
       tokenized file that fails verification is removed first, so it is tokenized again (alignment/cache.py).
     """
-    from ..cache import adding_derived_files
-
     class OurTrainer(trainer_class):
         prepared_data_dir = prepared_data
 
@@ -119,8 +118,9 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
         tokenizer, data = prepare_data(cfg, run, start.tokenizer)
     train_rows, eval_rows = data.train, data.eval
     if convert_rows is not None:
-        train_rows = convert_rows(train_rows)
-        eval_rows = convert_rows(eval_rows) if eval_rows is not None else None
+        with main_process_first(), adding_derived_files(data.location, is_main_process(), "converted rows"):
+            train_rows = convert_rows(train_rows)
+            eval_rows = convert_rows(eval_rows) if eval_rows is not None else None
     phase_boundary(f"{cfg.stage.name}:data_prepared")
     model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)

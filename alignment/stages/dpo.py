@@ -11,7 +11,8 @@ from typing import ClassVar
 from ..config import PreferenceStageConfig, RunConfig
 from ..modeling import load_model
 from ..ranges import Range
-from ..reference import choose_reference, precompute_key
+from ..reference import precompute_key
+from ..resolved_plan import plan_of
 from ..rundir import RunDir
 from ..start import StartingPoint
 from .registry import Stage, register
@@ -87,7 +88,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=(
     from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
     from trl import DPOConfig
 
-    choice = choose_reference(cfg, adapter_kept=start.has_adapter)
+    choice = plan_of(cfg).reference
     log.info("reference model: %s (%s: %s)", choice.option, "chosen by ref=auto" if choice.requested == "auto"
              else "ref", choice.reason)
 

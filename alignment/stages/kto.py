@@ -15,7 +15,7 @@ from typing import ClassVar
 from ..config import PreferenceStageConfig, RunConfig
 from ..modeling import load_model
 from ..ranges import Range
-from ..reference import choose_reference
+from ..resolved_plan import plan_of
 from ..rundir import RunDir
 from ..start import StartingPoint
 from .registry import Stage, register
@@ -39,7 +39,9 @@ def unpaired(rows):
     """Preference pairs → KTO rows: each pair's chosen (label true), then its rejected (label false)."""
     from trl.data_utils import unpair_preference_dataset
 
-    return unpair_preference_dataset(rows, keep_in_memory=True)  # in memory: no cache file in the shared entry
+    # Cached beside the prepared split (a derived file, written under the entry's lock by the main process first),
+    # so every rank reads the same rows: an in-memory copy would be tokenized into per-process temporary files.
+    return unpair_preference_dataset(rows)
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
@@ -47,7 +49,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=(
     from trl import KTOConfig, KTOTrainer
 
     stage = cfg.stage
-    choice = choose_reference(cfg, adapter_kept=start.has_adapter)
+    choice = plan_of(cfg).reference
 
     def reference_arguments(data) -> dict:
         return {"ref_model": load_model(cfg.ref.path, cfg) if choice.option == "separate" else None}
