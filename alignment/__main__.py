@@ -12,16 +12,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from .compose import (CONF_DIR, CONFIG_NAME, cli_overrides, preflight, search_path, search_path_of,
-                      search_path_override, set_search_path, to_run_config)
-from .command_line import job_config_text, normalise, wants_job_config
-from .config import ConfigError, with_overrides
-from .console import bars_above_logs
-from .optional import hide_unused_stacks
-from .provenance import remember_command
-from .launch import adopt_external_launch
-from .ranks import LAUNCH_STARTED, launched_run_dir, started_by_external_launcher
-from .sweep import current_sweep_name
+from alignment.preflight.compose import CONF_DIR, CONFIG_NAME, preflight, search_path_of, search_path_override, to_run_config
+from alignment.config.argv import cli_overrides
+from alignment.config.search_path import search_path, set_search_path
+from alignment.preflight.command_line import job_config_text, normalise, wants_job_config
+from alignment.errors import ConfigError
+from alignment.config.schema import with_overrides
+from alignment.records.console import bars_above_logs
+from alignment.runtime.optional import hide_unused_stacks
+from alignment.records.provenance import remember_command
+from alignment.launch.launcher import adopt_external_launch
+from alignment.runtime.ranks import LAUNCH_STARTED, launched_run_dir, started_by_external_launcher
+from alignment.sweep.naming import current_sweep_name
 
 EXIT_BAD_INPUT = 2
 
@@ -34,11 +36,11 @@ def _fail(err: ConfigError) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")
 def _hydra_entry(composed) -> None:
     hydra_config = HydraConfig.get()
-    from .evaluation import JudgeError
-    from .launch import LaunchFailed
-    from .runner import run, run_member  # imported here so that bad input is refused before torch/transformers load
-    from .diagnostics import TrainingFailed
-    from .preemption import EXIT_INTERRUPTED, Interrupted
+    from alignment.evaluation import JudgeError
+    from alignment.launch.launcher import LaunchFailed
+    from alignment.runner import run, run_member  # imported here so that bad input is refused before torch/transformers load
+    from alignment.records.diagnostics import TrainingFailed
+    from alignment.runtime.preemption import EXIT_INTERRUPTED, Interrupted
 
     # Unresolved: a `${secret:NAME}` override is recorded (config.yaml, the ranks' command lines) as the reference.
     overrides = list(OmegaConf.to_container(hydra_config.overrides.task, resolve=False))
@@ -80,7 +82,7 @@ def main() -> None:
     if search_path() and not own:
         sys.argv.append(search_path_override(search_path()))  # Hydra's own composition sees them too
     if launched_run_dir() is not None or started_by_external_launcher():
-        from .preemption import die_with_parent
+        from alignment.runtime.preemption import die_with_parent
 
         die_with_parent()  # a rank never trains on after its launcher is gone (it gets SIGTERM: checkpoint, exit)
     if started_by_external_launcher():  # `accelerate launch --config_file <run>/launch/accelerate.yaml -m alignment`
@@ -101,7 +103,7 @@ def main() -> None:
         _fail(err)
     hide_unused_stacks(configs or [])
     _hydra_entry()
-    from .sweep import LAST_SWEEP
+    from alignment.sweep.sweeps import LAST_SWEEP
 
     if LAST_SWEEP.get("failed"):
         sys.exit(1)  # a sweep succeeds only when every member finished

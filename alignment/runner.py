@@ -14,31 +14,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .compose import compose_run_config, link_overrides
-from .config import ConfigError, RunConfig, freeze
-from .modeling import uses_cuda
-from .backends import engine_report, save_model
-from .resolved_plan import plan_of, write_plan
-from .diagnostics import Diagnostics
-from .dryrun import describe
-from .evaluation import EVAL_DIR, evaluate, format_headline, subjects_of_config, subjects_of_run
-from .model_card import write_model_card
-from .plots import plot_run
-from .provenance import provenance
-from .launch import (LaunchFailed, is_secondary_machine, launch, launch_preview, needs_launch, resolve_launcher,
-                     slurm_run_path)
-from .ranks import init_process_group, is_main_process, launched_run_dir, main_process_first, shutdown_process_group
-from .preemption import (Interrupted, StopAtStepBoundary, StopRequest, active_request, handling_signals,
-                         phase_boundary)
-from .rundir import (RunDir, check_resume_matches, check_run_dir, default_run_name, has_model, is_finished,
-                     last_complete_checkpoint, new_run_path, newest_complete_checkpoint, read_summary, update_summary, write_config)
-from .stages.registry import stage_of
-from .sweep import current_sweep_name, member_state, objective_value, record_member
-from .trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
-from .start import lineage, prepare_start, resolve_start
-from .tracking import (CheckpointMarker, MetricsWriter, TokenCount, attach_run_log, detach_run_log, format_table,
-                       read_metrics, train_records, truncate_metrics, whole_run_train_loss)
-from .validation import is_offline, validate
+from alignment.preflight.compose import compose_run_config, link_overrides
+from alignment.errors import ConfigError
+from alignment.config.schema import RunConfig, freeze
+from alignment.models.modeling import uses_cuda
+from alignment.launch.backends import engine_report, save_model
+from alignment.plan.resolved import plan_of, write_plan
+from alignment.records.diagnostics import Diagnostics
+from alignment.plan.dryrun import describe
+from alignment.evaluation import EVAL_DIR, evaluate, format_headline, subjects_of_config, subjects_of_run
+from alignment.records.model_card import write_model_card
+from alignment.records.plots import plot_run
+from alignment.records.provenance import provenance
+from alignment.launch.launcher import LaunchFailed, launch, launch_preview, slurm_run_path
+from alignment.plan.processes import is_secondary_machine, needs_launch, resolve_launcher
+from alignment.runtime.ranks import init_process_group, is_main_process, launched_run_dir, main_process_first, shutdown_process_group
+from alignment.runtime.preemption import Interrupted, StopAtStepBoundary, StopRequest, active_request, handling_signals, phase_boundary
+from alignment.records.rundir import RunDir, check_resume_matches, check_run_dir, default_run_name, has_model, is_finished, last_complete_checkpoint, new_run_path, newest_complete_checkpoint, read_summary, update_summary, write_config
+from alignment.config.registry import stage_of
+from alignment.sweep.naming import current_sweep_name
+from alignment.sweep.sweeps import member_state, objective_value, record_member
+from alignment.records.trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
+from alignment.models.start import lineage, prepare_start, resolve_start
+from alignment.records.tracking import CheckpointMarker, MetricsWriter, TokenCount, attach_run_log, detach_run_log, format_table, read_metrics, train_records, truncate_metrics, whole_run_train_loss
+from alignment.config.offline import is_offline
+from alignment.preflight.validation import validate
+from alignment.data import format_report
+from alignment.stages.common import prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
     """Train one stage into cfg.run_dir; resume from its last complete checkpoint when cfg.resume is set.
 
     With resume, a stage whose model is already saved is not trained again (what remains is its evaluation).
-    SIGTERM/SIGINT stop it at a step boundary with a checkpoint and raise Interrupted (alignment/preemption.py).
+    SIGTERM/SIGINT stop it at a step boundary with a checkpoint and raise Interrupted (alignment/runtime/preemption.py).
     """
     run = RunDir(Path(cfg.run_dir))
     if cfg.resume and has_model(run.path):
@@ -197,8 +199,6 @@ def _one_line_error(err: BaseException) -> str:
 
 def report_data(cfg: RunConfig, previous: RunConfig | None = None) -> dict[str, Any]:
     """Prepare the stage's data without loading weights; write data_report.json and print the report."""
-    from .data import format_report
-    from .stages.common import prepare_data
 
     validate(cfg, previous=previous)
     run = RunDir(Path(cfg.run_dir))
@@ -408,7 +408,7 @@ def _launch(cfg: RunConfig, user_overrides: list[str], chained: bool) -> list[Ru
     else:
         validate(cfg)
         links = [cfg]
-    if not secondary:  # the ranks build their trainers from the plan made here (alignment/resolved_plan.py)
+    if not secondary:  # the ranks build their trainers from the plan made here (alignment/plan/resolved.py)
         for index, link in enumerate(links):
             write_plan(Path(link.run_dir), plan_of(link, links[index - 1] if index > 0 else None))
     try:

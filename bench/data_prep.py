@@ -25,10 +25,10 @@ sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 
 MEASURE = r"""
 import json, sys, time
-from alignment.compose import compose_run_config
+from alignment.preflight.compose import compose_run_config
 from alignment.data import prepare
-from alignment.modeling import load_tokenizer
-from alignment.start import resolve_start
+from alignment.models.modeling import load_tokenizer
+from alignment.models.start import resolve_start
 from alignment.runner import quiet_libraries
 
 quiet_libraries()

@@ -24,8 +24,8 @@ SETTINGS = {"batch": 16, "lr": 5e-4, "beta": 0.1, "max_length": 256, "seed": 42}
 
 
 def tiny_model_dir() -> Path:
-    from alignment.compose import compose_run_config
-    from alignment.tiny import ensure_tiny_model
+    from alignment.preflight.compose import compose_run_config
+    from alignment.models.tiny import ensure_tiny_model
 
     cfg = compose_run_config(["stage=dpo", f"seed={SETTINGS['seed']}"])
     return ensure_tiny_model(cfg.model, cfg.seed)

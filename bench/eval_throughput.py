@@ -49,11 +49,11 @@ def main() -> None:
 def benchmark(run: Path, repeats: int) -> dict:
     import torch
 
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
     from alignment.data import prepare
     from alignment.evaluation.generation import generate, prompt_set
     from alignment.evaluation.scoring import pair_logps
-    from alignment.modeling import load_model, load_tokenizer
+    from alignment.models.modeling import load_model, load_tokenizer
 
     settings = ["stage=eval", "stage.max_length=256", "stage.max_prompt_length=128", "eval.generation.max_new_tokens=16",
                 "eval.generation.temperature=1.0", "eval.generation.samples_per_prompt=4"]

@@ -92,7 +92,7 @@ def our_losses(run: Path) -> list[float]:
 
 
 def prepared_train_split(run: Path) -> Path:
-    from alignment.tiny import cache_root
+    from alignment.records.cache import cache_root
 
     fingerprint = json.loads((run / "data_report.json").read_text())["fingerprint"]
     return cache_root() / "data" / fingerprint / "train"

@@ -31,12 +31,12 @@ TWIN = ["model.architecture.hidden_size=768", "model.architecture.num_hidden_lay
 MEASURE = r"""
 import gc, json, sys, threading, time
 import psutil, torch
-from alignment.compose import compose_run_config
-from alignment.plan import parameter_count, plan_inputs, plan_memory
-from alignment.rundir import RunDir
+from alignment.preflight.compose import compose_run_config
+from alignment.plan.memory import parameter_count, plan_inputs, plan_memory
+from alignment.records.rundir import RunDir
 from alignment.runner import quiet_libraries, run_stage
 from alignment.stages.common import prepare_data
-from alignment.start import resolve_start
+from alignment.models.start import resolve_start
 
 quiet_libraries()
 overrides, run_dir = json.loads(sys.argv[1]), sys.argv[2]

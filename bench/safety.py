@@ -4,7 +4,7 @@
     python bench/safety.py sigterm [--model tiny|100m]
 
 overhead: whole-process time of a tiny DPO run (ref=precomputed, 4 steps, warm shared cache) with the cache's
-    locks, manifests and hash verification (as shipped) and without them (alignment.cache's lock a no-op, entries
+    locks, manifests and hash verification (as shipped) and without them (alignment.records.cache's lock a no-op, entries
     and derived files trusted when present: the pre-issue behaviour), alternating the two variants in one session.
     Every run is a fresh process, so the hashes are computed on first use in each, as in real runs.
 sigterm: a DPO run on the tiny twin or a ~100M-parameter twin (the tiny Qwen2 twin's class at 768 × 12 layers)
@@ -36,7 +36,7 @@ TWIN_100M = ["model.architecture.hidden_size=768", "model.architecture.num_hidde
 # Run as `python -c BARE <overrides>`: the CLI with the cache's safety switched off.
 BARE = """
 import contextlib, sys
-import alignment.cache as cache
+import alignment.records.cache as cache
 cache.entry_lock = lambda entry: contextlib.nullcontext()
 cache.entry_problem = lambda entry, hash_files=True: None if (entry / cache.MANIFEST).exists() else "absent"
 cache.check_derived = lambda entry: []

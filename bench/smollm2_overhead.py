@@ -37,8 +37,8 @@ SPLIT = {"sft": "train_sft", "dpo": "train_prefs"}
 
 def smollm2_dir() -> Path:
     """The converted checkpoint dir our runs load (built on first use, then reused)."""
-    from alignment.compose import compose_run_config
-    from alignment.start import resolve_start
+    from alignment.preflight.compose import compose_run_config
+    from alignment.models.start import resolve_start
 
     return Path(resolve_start(compose_run_config(["model=smollm2_135m", "stage=dpo"])).weights)
 

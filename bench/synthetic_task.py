@@ -25,7 +25,7 @@ GRID = [(lr, beta) for lr in (3e-5, 1e-4, 3e-4) for beta in (0.1, 0.5)]
 
 
 def demo_links() -> tuple[list[str], list[str]]:
-    chain = yaml.safe_load((REPO / "conf" / "experiment" / "demo.yaml").read_text())["chain"]
+    chain = yaml.safe_load((REPO / "alignment" / "conf" / "experiment" / "demo.yaml").read_text())["chain"]
     return chain[0], chain[1]
 
 

@@ -70,9 +70,9 @@ DATASET_FIXTURES = {  # dataset option → (stage, committed fixture in the real
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The tiny Qwen2 twin's tokenizer with the configured pad token and ChatML template."""
-    from alignment.compose import compose_run_config
-    from alignment.modeling import load_tokenizer
-    from alignment.start import resolve_start
+    from alignment.preflight.compose import compose_run_config
+    from alignment.models.modeling import load_tokenizer
+    from alignment.models.start import resolve_start
 
     cfg = compose_run_config([])
     return load_tokenizer(resolve_start(cfg).tokenizer, cfg.model)
@@ -80,8 +80,8 @@ def tiny_tokenizer():
 
 def dataset_config(option: str, *overrides: str):
     """A validated RunConfig for one dataset option pointed at its committed fixture."""
-    from alignment.compose import compose_run_config
-    from alignment.validation import validate
+    from alignment.preflight.compose import compose_run_config
+    from alignment.preflight.validation import validate
 
     stage, path = DATASET_FIXTURES[option]
     cfg = compose_run_config([f"stage={stage}", f"dataset={option}", f"dataset.path={path}", *overrides])
@@ -91,9 +91,9 @@ def dataset_config(option: str, *overrides: str):
 
 def train(tmp_path: Path, name: str, *overrides: str):
     """One validated stage run in this process; returns the StageOutcome (trainer included)."""
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
     from alignment.runner import run_stage
-    from alignment.validation import validate
+    from alignment.preflight.validation import validate
 
     cfg = compose_run_config([*overrides, f"run_dir={tmp_path / name}"])
     validate(cfg)

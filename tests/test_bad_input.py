@@ -15,7 +15,7 @@ FIXTURE_SFT = REPO / "alignment" / "fixtures" / "tiny_ultrachat"
 # exit 2 before anything is written or any weights load, and its dry run with the same line.
 CASES = {
     "unknown group option": (["model=gpt5"], "model",
-                             "Valid options: mistral7b, qwen72b, smollm2_135m, tiny_mistral, tiny_qwen2"),
+                             "Valid options: llama3_8b, mistral7b, qwen72b, smollm2_135m, tiny_mistral, tiny_qwen2"),
     "mandatory value missing": (["model.name_or_path=???"], "model.name_or_path", "model.name_or_path is mandatory"),
     "beta zero": (["stage=dpo", "beta=0"], "beta", "beta must be > 0"),
     "beta negative": (["stage=kto", "beta=-0.1"], "beta", "beta must be > 0"),
@@ -230,9 +230,9 @@ def _as_tested(args: list[str], run_dir) -> list[str]:
 
 def _refusal(args: list[str]) -> str | None:
     """What the command's up-front checks say about a command line, in this process (no CLI start-up)."""
-    from alignment.command_line import normalise
-    from alignment.compose import preflight
-    from alignment.config import ConfigError
+    from alignment.preflight.command_line import normalise
+    from alignment.preflight.compose import preflight
+    from alignment.errors import ConfigError
 
     try:
         preflight(normalise(list(args)))
@@ -253,8 +253,9 @@ def test_every_refusal_is_the_same_for_the_run_and_its_dry_run(tmp_path, monkeyp
     CLI form does; here it would only double the time)."""
     import dataclasses
 
-    from alignment import compose
-    from alignment.config import ConfigError, freeze
+    from alignment.preflight import compose
+    from alignment.errors import ConfigError
+    from alignment.config.schema import freeze
 
     validate = compose.validate
 
@@ -395,8 +396,8 @@ def test_every_numeric_setting_has_a_range():
     import dataclasses
     import typing
 
-    from alignment.config import RunConfig
-    from alignment.ranges import _number_fields, range_of
+    from alignment.config.schema import RunConfig
+    from alignment.preflight.ranges import _number_fields, range_of
 
     missing, seen = [], set()
 
@@ -416,7 +417,7 @@ def test_every_numeric_setting_has_a_range():
                     visit(arg, f"{prefix}{f.name}.")
 
     visit(RunConfig, "")
-    assert not missing, f"add a Range to alignment.ranges.NUMBER_RANGES for: {', '.join(missing)}"
+    assert not missing, f"add a Range to alignment.preflight.ranges.NUMBER_RANGES for: {', '.join(missing)}"
     assert len(seen) >= 15  # the walk reached the nested settings (stage, eval.generation, backend.zero3, ...)
 
 
@@ -435,7 +436,7 @@ def test_library_lists_read_from_source_are_the_libraries_own():
     from transformers.training_args import OptimizerNames
     from trl import DPOConfig, SFTConfig
 
-    from alignment import library_choices
+    from alignment.preflight import library_choices
 
     assert library_choices.optimizer_names() == tuple(o.value for o in OptimizerNames)
     assert library_choices.scheduler_names() == tuple(s.value for s in SchedulerType)
@@ -443,7 +444,7 @@ def test_library_lists_read_from_source_are_the_libraries_own():
     from trl import KTOConfig
     from trl.experimental.cpo import CPOConfig
 
-    from alignment.stages.registry import stage_named
+    from alignment.config.registry import stage_named
 
     def read(name):
         return library_choices.loss_types(stage_named(name).loss_types_from)
@@ -462,8 +463,8 @@ def test_optimizer_checks_agree_with_what_transformers_builds(tmp_path):
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from alignment.config import ConfigError
-    from alignment.library_choices import _check_optimizer, optimizer_names
+    from alignment.errors import ConfigError
+    from alignment.preflight.library_choices import _check_optimizer, optimizer_names
 
     model = torch.nn.Linear(4, 4)
     disagree = []
@@ -490,7 +491,7 @@ def test_scheduler_lists_agree_with_transformers(tmp_path):
     import torch
     from transformers import TrainingArguments, get_scheduler
 
-    from alignment.library_choices import SCHEDULERS_NEEDING_EVAL, SCHEDULERS_NEEDING_KWARGS, scheduler_names
+    from alignment.preflight.library_choices import SCHEDULERS_NEEDING_EVAL, SCHEDULERS_NEEDING_KWARGS, scheduler_names
 
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     needs_kwargs, needs_eval = set(), set()
@@ -509,8 +510,8 @@ def test_scheduler_lists_agree_with_transformers(tmp_path):
 
 
 def _validate(*overrides: str):
-    from alignment.compose import compose_run_config
-    from alignment.validation import validate
+    from alignment.preflight.compose import compose_run_config
+    from alignment.preflight.validation import validate
 
     validate(compose_run_config(["stage=sft", *overrides]))
 
@@ -524,7 +525,7 @@ def test_run_dir_checks_create_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 dir, so it cannot be made unwritable")
 def test_run_dir_in_an_unwritable_dir_is_refused(tmp_path, monkeypatch):
-    from alignment.config import ConfigError
+    from alignment.errors import ConfigError
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -540,8 +541,8 @@ def test_run_dir_in_an_unwritable_dir_is_refused(tmp_path, monkeypatch):
 
 def test_run_dir_on_a_read_only_filesystem_is_refused(tmp_path, monkeypatch):
     """A read-only mount (simulated: statvfs reports ST_RDONLY, as it does for a `mount -o ro` filesystem)."""
-    from alignment import run_location
-    from alignment.config import ConfigError
+    from alignment.preflight import run_location
+    from alignment.errors import ConfigError
 
     real = os.statvfs
 
@@ -563,8 +564,8 @@ def test_run_dir_without_room_for_the_run_is_refused_with_both_numbers(tmp_path,
     refused with both numbers; a dry run, often planned on another machine, is not refused for it."""
     import shutil
 
-    from alignment import run_location
-    from alignment.config import ConfigError
+    from alignment.preflight import run_location
+    from alignment.errors import ConfigError
 
     free = {"bytes": 10 * 10**9}
     monkeypatch.setattr(run_location.shutil, "disk_usage",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment import cache
-from alignment.compose import compose_run_config
+from alignment.records import cache
+from alignment.preflight.compose import compose_run_config
 
 from .conftest import SHORT_DPO, train
 
@@ -170,7 +170,7 @@ def own_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.mark.parametrize("corruption", ["truncated", "garbled", "scaled"])
 def test_a_corrupted_tiny_twin_is_rebuilt_to_the_same_weights(own_cache, corruption):
-    from alignment.tiny import ensure_tiny_model
+    from alignment.models.tiny import ensure_tiny_model
 
     cfg = compose_run_config([])
     entry = ensure_tiny_model(cfg.model, cfg.seed)
@@ -184,7 +184,7 @@ def test_a_corrupted_tiny_twin_is_rebuilt_to_the_same_weights(own_cache, corrupt
 
 
 def test_an_interrupted_entry_without_manifest_is_rebuilt(own_cache):
-    from alignment.tiny import ensure_tiny_model
+    from alignment.models.tiny import ensure_tiny_model
 
     cfg = compose_run_config([])
     entry = ensure_tiny_model(cfg.model, cfg.seed)
@@ -222,7 +222,7 @@ def test_corrupted_prepared_data_is_rebuilt_and_its_rows_are_the_original_ones(o
 
 
 def test_an_entry_that_cannot_be_rebuilt_is_refused_with_its_name_and_how_to_clear_it(own_cache, monkeypatch):
-    from alignment.tiny import ensure_tiny_model
+    from alignment.models.tiny import ensure_tiny_model
 
     cfg = compose_run_config([])
     entry = ensure_tiny_model(cfg.model, cfg.seed)

@@ -7,12 +7,13 @@ import itertools
 
 import pytest
 
-from alignment.compose import compose_run_config, config_groups, group_options
-from alignment.config import ConfigError, RunConfig
+from alignment.preflight.compose import compose_run_config, config_groups, group_options
+from alignment.errors import ConfigError
+from alignment.config.schema import RunConfig
 from alignment.data import data_format
-from alignment.plan import parameter_count
-from alignment.stages.registry import stage_of
-from alignment.validation import validate
+from alignment.plan.memory import parameter_count
+from alignment.config.registry import stage_of
+from alignment.preflight.validation import validate
 
 from .conftest import run_cli, skip_without_the_real_model
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from alignment.console import duration, number
+from alignment.records.console import duration, number
 
 from .conftest import run_cli
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignment.tracking import read_metrics
+from alignment.records.tracking import read_metrics
 
 from .conftest import DATASET_FIXTURES, run_cli
 

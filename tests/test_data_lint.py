@@ -6,10 +6,10 @@ import copy
 
 import pytest
 
-from alignment.config import ConfigError
+from alignment.errors import ConfigError
 from alignment.data import prepare
 from alignment.data.lint import lint
-from alignment.templates import CHATML_TEMPLATE
+from alignment.models.templates import CHATML_TEMPLATE
 
 from .conftest import DATASET_FIXTURES, dataset_config
 

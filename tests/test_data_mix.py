@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from alignment.compose import compose_run_config
+from alignment.preflight.compose import compose_run_config
 from alignment.data import prepare
 from alignment.data.lengths import measure_chat, measure_preference, template_ids
 
@@ -88,7 +88,7 @@ def test_prepared_prompts_respect_the_budget_and_drops_are_counted(tiny_tokenize
 def test_max_prompt_length_is_ours_trl_gets_only_max_length(tmp_path):
     from trl import DPOConfig
 
-    from alignment.rundir import RunDir
+    from alignment.records.rundir import RunDir
     from alignment.stages.common import trainer_arguments
 
     assert "max_prompt_length" not in DPOConfig.__dataclass_fields__  # TRL 1.x removed it

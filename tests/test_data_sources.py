@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from alignment.compose import compose_run_config
-from alignment.config import ConfigError
+from alignment.preflight.compose import compose_run_config
+from alignment.errors import ConfigError
 from alignment.data import check_sources, prepare
 from alignment.data.loading import locate
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.compose import compose_run_config
-from alignment.config import ConfigError
+from alignment.preflight.compose import compose_run_config
+from alignment.errors import ConfigError
 from alignment.data import prepare
 
 from .conftest import FIXTURES

@@ -9,7 +9,7 @@ from statistics import mean
 
 import pytest
 
-from alignment.tracking import read_metrics
+from alignment.records.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from alignment.config import DiagnosticsConfig
-from alignment.diagnostics import Diagnostics, NonFiniteTraining, TrainingCollapsed, check
+from alignment.config.schema import DiagnosticsConfig
+from alignment.records.diagnostics import Diagnostics, NonFiniteTraining, TrainingCollapsed, check
 
 from .conftest import SHORT_DPO, train
 
-FIXTURE = __import__("alignment.config", fromlist=["FIXTURES_DIR"]).FIXTURES_DIR / "tiny_ultrafeedback"
+FIXTURE = __import__("alignment.config.schema", fromlist=["FIXTURES_DIR"]).FIXTURES_DIR / "tiny_ultrafeedback"
 # Trend alarms after 4 steps over a 3-step window, so short crafted runs can raise them.
 QUICK = ["diagnostics.after_steps=4", "diagnostics.window=3", "stage.max_steps=8"]
 
@@ -59,9 +59,9 @@ class PoisonWeights(TrainerCallback):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
     from alignment.runner import run_stage
-    from alignment.validation import validate
+    from alignment.preflight.validation import validate
 
     run_dir = tmp_path / "nan"
     cfg = compose_run_config([*SHORT_DPO, "stage.max_steps=8", "stage.save_steps=2", f"run_dir={run_dir}"])
@@ -136,7 +136,7 @@ def test_the_healthy_demo_raises_no_alarm(demo_run):
 def test_progress_bar_shows_key_metrics_instead_of_printing_each_log():
     from types import SimpleNamespace
 
-    from alignment.tracking import MetricsProgress
+    from alignment.records.tracking import MetricsProgress
 
     class Bar:
         postfix, written = None, []
@@ -276,8 +276,8 @@ def test_identical_pairs_are_a_data_problem_not_a_length_problem():
 
 
 def test_a_dataset_of_identical_pairs_is_refused_as_a_data_problem(tmp_path, tiny_tokenizer):
-    from alignment.compose import compose_run_config
-    from alignment.config import ConfigError
+    from alignment.preflight.compose import compose_run_config
+    from alignment.errors import ConfigError
     from alignment.data import prepare
 
     rows = [json.loads(line) for line in (FIXTURE / "train_prefs.jsonl").read_text().splitlines()][:16]
@@ -294,9 +294,9 @@ def test_a_dataset_of_identical_pairs_is_refused_as_a_data_problem(tmp_path, tin
 def test_a_learning_rate_that_collapses_the_model_fails_the_run_with_the_diagnosis(tmp_path):
     """The run of the issue: DPO at learning_rate=1e4 on the tiny twin. Gradients die after step 2 and the loss stays
     at ln 2; it used to end `finished` with "raise learning_rate". (Fast: it stops at step 5.)"""
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
     from alignment.runner import run_stage
-    from alignment.validation import validate
+    from alignment.preflight.validation import validate
 
     run_dir = tmp_path / "collapse"
     cfg = compose_run_config([*SHORT_DPO, *QUICK, "learning_rate=1e4", "stage.max_steps=12", "stage.save_steps=2",

@@ -83,9 +83,9 @@ def test_batched_scoring_equals_one_by_one_and_a_direct_forward(tiny_tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
     from alignment.evaluation.scoring import response_logps, tokenize
-    from alignment.start import resolve_start
+    from alignment.models.start import resolve_start
 
     model = AutoModelForCausalLM.from_pretrained(str(resolve_start(compose_run_config([])).weights))
     answers = ["7 + 5 = 12.", "7 + 5 = 13.", "12", "The answer is twelve, which is 7 plus 5."]
@@ -137,7 +137,7 @@ def shorter_wins(prompt, response):  # a user rule, loaded by eval.judge.rule=te
 
 def test_user_rules_load_from_module_and_function():
     assert load_rule("tests.test_evaluation:shorter_wins") is shorter_wins
-    from alignment.config import ConfigError
+    from alignment.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cannot be loaded"):
         load_rule("tests.test_evaluation:no_such_rule")
@@ -257,7 +257,7 @@ def stub():
 
 
 def _judge_settings(url: str, **extra):
-    from alignment.config import JudgeConfig
+    from alignment.config.schema import JudgeConfig
 
     fast = {"timeout_s": 5.0, "backoff_s": 0.01, "backoff_max_s": 0.5}  # tests wait milliseconds, not seconds
     return JudgeConfig(name="http", url=url, **{"model": "judge-stub", "api_key_env": "ALIGNMENT_TEST_JUDGE_KEY",
@@ -406,7 +406,7 @@ def test_client_errors_are_not_retried(stub, tmp_path, monkeypatch, status, expe
 
 
 def test_http_settings_are_checked():
-    from alignment.config import ConfigError
+    from alignment.errors import ConfigError
     from alignment.evaluation.judges import check_judge
 
     check_judge(_judge_settings("http://localhost:8000/v1"))
@@ -422,8 +422,8 @@ def test_http_judge_cli_rerun_asks_only_for_the_rest_and_never_writes_the_key(st
     first pair, then 401 with the key echoed in its body: exit 1, one line, that pair kept. The same command
     again, against a server that answers 429 then 502 before each success, asks only for the other two pairs.
     The key, from a variable whose name the generic secret filter does not know, is in no file and no output."""
-    from alignment.compose import compose_run_config
-    from alignment.start import resolve_start
+    from alignment.preflight.compose import compose_run_config
+    from alignment.models.start import resolve_start
 
     from .conftest import run_cli
 
@@ -506,7 +506,7 @@ EVAL_SHORT = ["eval.after_training=true", "judge=rule", "eval.generation.num_pro
 def test_adapter_runs_are_evaluated_against_their_reference(tmp_path, request, parent):
     """A LoRA DPO run: the candidate is its adapter; the reference is the bare base (fresh adapter) or the
     parent's SFT adapter on the same base (kept adapter), loaded once and switched."""
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
     from alignment.runner import evaluate_after_training
 
     from .conftest import SHORT_DPO, train
@@ -577,7 +577,7 @@ def test_eval_of_an_sft_run_on_chat_data_answers_its_prompts(demo_run, tmp_path)
     report = json.loads((tmp_path / "ev" / "eval" / "report.json").read_text())
     assert report["preference"] == {"skipped": "eval.preference=false"}
     rows = [json.loads(line) for line in (tmp_path / "ev" / "eval" / "generations.jsonl").read_text().splitlines()]
-    test_sft = [json.loads(line) for line in (__import__("alignment.config", fromlist=["FIXTURES_DIR"]).FIXTURES_DIR
+    test_sft = [json.loads(line) for line in (__import__("alignment.config.schema", fromlist=["FIXTURES_DIR"]).FIXTURES_DIR
                                              / "tiny_ultrachat" / "test_sft.jsonl").read_text().splitlines()]
     # Each prompt is a test_sft dialogue up to its last assistant turn; the SFT run's reference is its base.
     assert [r["prompt"][-1]["role"] for r in rows] == ["user"] * 3

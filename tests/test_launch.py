@@ -15,11 +15,11 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from alignment.backends import accelerate_config, deepspeed_config
-from alignment.compose import CONF_DIR, compose_run_config
-from alignment.config import ConfigError
-from alignment.launch import (first_slurm_host, is_secondary_machine, launch_command, machine, rank_overrides,
-                              resolve_launcher, slurm_run_path)
+from alignment.launch.backends import accelerate_config, deepspeed_config
+from alignment.preflight.compose import CONF_DIR, compose_run_config
+from alignment.errors import ConfigError
+from alignment.plan.processes import first_slurm_host, is_secondary_machine, machine, resolve_launcher
+from alignment.launch.launcher import launch_command, rank_overrides, slurm_run_path
 
 from .conftest import REPO, run_cli
 
@@ -34,7 +34,7 @@ def test_zero3_json_carries_seed_000_settings_and_leaves_per_stage_numbers_to_th
                     "stage3_prefetch_bucket_size": 104857600, "stage3_param_persistence_threshold": 1048576,
                     "stage3_gather_16bit_weights_on_model_save": True}
     assert ds["steps_per_print"] == 10
-    # Batch, accumulation, clipping and precision are the trainer's (from alignment/batch.py): one source.
+    # Batch, accumulation, clipping and precision are the trainer's (from alignment/plan/batch.py): one source.
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
                 "gradient_clipping"):
         assert ds[key] == "auto"
@@ -61,7 +61,7 @@ def test_num_processes_defaults_from_the_devices():
 
 
 def test_global_batch_is_kept_when_the_process_count_changes():
-    from alignment.batch import batch_plan
+    from alignment.plan.batch import batch_plan
 
     cfg = compose_run_config(["stage=dpo", "stage.per_device_train_batch_size=2"])
     plans = {n: batch_plan(cfg, n) for n in (1, 2, 8, 16)}

@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from alignment.compose import compose_run_config
-from alignment.start import adapter_base, merge_adapter
+from alignment.preflight.compose import compose_run_config
+from alignment.models.start import adapter_base, merge_adapter
 
 from .conftest import train
 from .test_reference import base_weights

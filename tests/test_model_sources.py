@@ -19,8 +19,8 @@ EXAMPLE_CONFIG = REPO / "examples" / "my_config"
 @pytest.fixture(scope="session")
 def twin_checkpoint(tmp_path_factory) -> Path:
     """The tiny Qwen2 twin copied to an ordinary checkpoint dir of the user's (config.json, weights, tokenizer)."""
-    from alignment.compose import compose_run_config
-    from alignment.start import resolve_start
+    from alignment.preflight.compose import compose_run_config
+    from alignment.models.start import resolve_start
 
     target = tmp_path_factory.mktemp("user-models") / "my-qwen"
     shutil.copytree(resolve_start(compose_run_config([])).weights, target)
@@ -90,7 +90,7 @@ def test_any_preset_given_a_checkpoint_plans_that_checkpoint_never_the_twin(tmp_
 
 @pytest.mark.slow
 def test_a_twin_preset_given_a_checkpoint_trains_that_checkpoint(tmp_path, twin_checkpoint):
-    from alignment.rundir import read_summary
+    from alignment.records.rundir import read_summary
 
     result = run_cli("model=tiny_mistral", f"model.name_or_path={twin_checkpoint}", "stage=sft", "stage.max_steps=2",
                      "stage.max_length=128", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -118,7 +118,7 @@ def test_an_option_missing_from_every_config_dir_is_refused_with_the_user_option
 
 @pytest.mark.slow
 def test_user_config_dir_run_and_sweep_use_its_files(tmp_path):
-    from alignment.rundir import read_summary
+    from alignment.records.rundir import read_summary
 
     run = run_cli("-cd", str(EXAMPLE_CONFIG), "experiment=my_dpo", f"run_dir={tmp_path / 'run'}", cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -6,15 +6,15 @@ import logging
 
 import pytest
 
-from alignment.compose import compose_run_config
-from alignment.modeling import attention_implementation, linear_module_names, load_tokenizer
-from alignment.start import resolve_start
-from alignment.templates import ZEPHYR_TEMPLATE
+from alignment.preflight.compose import compose_run_config
+from alignment.models.modeling import attention_implementation, linear_module_names, load_tokenizer
+from alignment.models.start import resolve_start
+from alignment.models.templates import ZEPHYR_TEMPLATE
 
 
 def test_flash_attention_falls_back_to_sdpa_without_cuda_or_flash_attn(caplog):
     cfg = compose_run_config(["model.attn_implementation=flash_attention_2", "backend.device=cpu"])
-    with caplog.at_level(logging.INFO, logger="alignment.modeling"):
+    with caplog.at_level(logging.INFO, logger="alignment.models.modeling"):
         assert attention_implementation(cfg) == "sdpa"
     assert "flash_attention_2 unavailable (no CUDA device)" in caplog.text
     assert "flash_attention_2 is not available here, using sdpa instead" in caplog.text
@@ -57,8 +57,8 @@ def test_zephyr_template_renders_role_tags_and_keeps_the_prompt_a_prefix():
 
 
 def test_a_checkpoint_that_differs_from_the_declared_architecture_is_refused(tmp_path):
-    from alignment.config import ConfigError
-    from alignment.modeling import check_architecture
+    from alignment.errors import ConfigError
+    from alignment.models.modeling import check_architecture
 
     cfg = compose_run_config([])
     source = resolve_start(cfg).weights

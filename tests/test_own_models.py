@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from alignment.plan import ACTIVATION_LAYOUTS
+from alignment.plan.memory import ACTIVATION_LAYOUTS
 
 from .conftest import run_cli, train
 from .test_plan import planned_and_saved_activations
@@ -59,7 +59,7 @@ STAGES = {"sft": SFT, "dpo": DPO}
 
 
 def save_twin(directory: Path, model_type: str, tokenizer, **architecture) -> Path:
-    """A real transformers class at toy size, saved as an ordinary checkpoint dir (as alignment/tiny.py does)."""
+    """A real transformers class at toy size, saved as an ordinary checkpoint dir (as alignment/models/tiny.py does)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.for_model(model_type, **architecture, bos_token_id=None,
@@ -75,7 +75,7 @@ def save_twin(directory: Path, model_type: str, tokenizer, **architecture) -> Pa
 
 
 def _tokenizer():
-    from alignment.tiny import build_tokenizer
+    from alignment.models.tiny import build_tokenizer
 
     return build_tokenizer(vocab_size=1024, padding_side="right")
 
@@ -333,8 +333,8 @@ def test_layouts_measured_off_by_more_than_10_percent_are_not_claimed():
 
 @pytest.mark.parametrize("model_type, peft", LAYOUT_CASES)
 def test_planned_activations_match_what_autograd_saves_for_each_modelled_layout(layout_twins, model_type, peft):
-    from alignment.compose import compose_run_config
-    from alignment.plan import plan_inputs, plan_memory
+    from alignment.preflight.compose import compose_run_config
+    from alignment.plan.memory import plan_inputs, plan_memory
 
     directory = layout_twins(model_type)
     cfg = compose_run_config(["stage=sft", f"model.name_or_path={directory}", f"peft={peft}",

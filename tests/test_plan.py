@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignment.compose import compose_run_config
-from alignment.config import ArchitectureConfig
-from alignment.plan import GB, PlanInputs, parameter_count, plan_inputs, plan_memory
-from alignment.start import resolve_start
+from alignment.preflight.compose import compose_run_config
+from alignment.config.schema import ArchitectureConfig
+from alignment.plan.memory import GB, PlanInputs, parameter_count, plan_inputs, plan_memory
+from alignment.models.start import resolve_start
 
 from .conftest import SHORT_DPO, run_cli, train
 
@@ -95,7 +95,7 @@ def planned_and_saved_activations(cfg, weights) -> tuple[float, int]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from alignment.modeling import lora_config
+    from alignment.models.modeling import lora_config
 
     model = AutoModelForCausalLM.from_pretrained(str(weights), attn_implementation="sdpa")
     if cfg.peft.method != "none":

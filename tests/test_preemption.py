@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.preemption import EXIT_INTERRUPTED, FAULT_ENV
+from alignment.runtime.preemption import EXIT_INTERRUPTED, FAULT_ENV
 
 from .conftest import run_cli
 
@@ -203,7 +203,7 @@ def test_a_launcher_killed_outright_leaves_no_rank_behind(tmp_path):
 
 _HANDLER_SCRIPT = """
 import os, signal, sys, time
-from alignment.preemption import StopRequest
+from alignment.runtime.preemption import StopRequest
 timed_out = []
 request = StopRequest(grace_s=float(sys.argv[1]), on_timeout=timed_out.append).install()
 request.in_training_loop = True
@@ -291,8 +291,8 @@ class _DiskFullAtSave:
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_resumes(tmp_path, straight_dpo):
-    from alignment.compose import compose_run_config
-    from alignment.config import ConfigError
+    from alignment.preflight.compose import compose_run_config
+    from alignment.errors import ConfigError
     from alignment.runner import run_stage
 
     run_dir = tmp_path / "run"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.compose import CONF_DIR, compose_run_config
-from alignment.config import as_dict, flatten
+from alignment.preflight.compose import CONF_DIR, compose_run_config
+from alignment.config.schema import as_dict, flatten
 
 from .conftest import REPO
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from alignment.compose import compose_run_config, group_options
-from alignment.validation import validate
+from alignment.preflight.compose import compose_run_config, group_options
+from alignment.preflight.validation import validate
 
 from .conftest import run_cli
 

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from alignment.compose import compose_run_config
-from alignment.config import ConfigError
+from alignment.preflight.compose import compose_run_config
+from alignment.errors import ConfigError
 from alignment.runner import run_stage
-from alignment.tracking import read_metrics
-from alignment.validation import validate
+from alignment.records.tracking import read_metrics
+from alignment.preflight.validation import validate
 
 SETTINGS = ["stage=dpo", "peft=qlora", "stage.max_steps=4", "stage.max_length=256", "stage.max_prompt_length=128",
             "learning_rate=1e-3", "stage.eval_steps=null", "stage.per_device_train_batch_size=8",

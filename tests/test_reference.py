@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from alignment.plan import parameter_count
-from alignment.tracking import read_metrics
+from alignment.plan.memory import parameter_count
+from alignment.records.tracking import read_metrics
 
 from .conftest import SHORT_DPO, train
 

@@ -7,12 +7,12 @@ import json
 import pytest
 from transformers import TrainerCallback
 
-from alignment.compose import compose_run_config
-from alignment.config import ConfigError
+from alignment.preflight.compose import compose_run_config
+from alignment.errors import ConfigError
 from alignment.runner import run_stage
-from alignment.validation import validate
+from alignment.preflight.validation import validate
 
-from alignment.tracking import read_metrics
+from alignment.records.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 

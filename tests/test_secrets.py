@@ -13,9 +13,9 @@ import logging
 import pytest
 import yaml
 
-from alignment.config import ConfigError
-from alignment.secrets import (MASK, SECRET_NAMES_ENV, RedactingFilter, check_secret_settings, env_name_problem,
-                               is_secret_key, redact, redact_text)
+from alignment.errors import ConfigError
+from alignment.secrets import MASK, SECRET_NAMES_ENV, RedactingFilter, env_name_problem, is_secret_key, redact, redact_text
+from alignment.preflight.secret_settings import check_secret_settings
 
 from .conftest import run_cli
 
@@ -89,7 +89,7 @@ def test_log_filter_removes_secret_values_and_tracebacks(monkeypatch):
     ("sk-abcdefghijklmnopqrstuvwxyz", "looks like a key"), ("hf_abcdefghijklmnopqrstuvwx", "looks like a key"),
     ("Zx81kd0sl2Qm9Lp3Rt7Yv", "looks like a key"), ("my key", "not the name"), ("3KEY", "not the name")])
 def test_a_setting_that_names_a_variable_refuses_keys_and_non_names(value, problem):
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
 
     assert problem in env_name_problem(value)
     cfg = compose_run_config(["judge=http", f"eval.judge.api_key_env={value}"])
@@ -100,7 +100,7 @@ def test_a_setting_that_names_a_variable_refuses_keys_and_non_names(value, probl
 
 @pytest.mark.parametrize("name", ["OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "MY_JUDGE_KEY_2", "JUDGE_CREDS"])
 def test_variable_names_are_accepted_and_their_values_masked(name, monkeypatch):
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
 
     assert env_name_problem(name) is None
     monkeypatch.setenv(name, "value-of-the-variable")
@@ -109,8 +109,8 @@ def test_variable_names_are_accepted_and_their_values_masked(name, monkeypatch):
 
 
 def test_a_remote_judge_needs_its_key_set_a_local_one_does_not(monkeypatch):
-    from alignment.compose import compose_run_config
-    from alignment.validation import validate
+    from alignment.preflight.compose import compose_run_config
+    from alignment.preflight.validation import validate
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     judge = ["stage=sft", "eval.after_training=true", "judge=http", "eval.judge.model=m", "dry_run=true"]
@@ -121,9 +121,9 @@ def test_a_remote_judge_needs_its_key_set_a_local_one_does_not(monkeypatch):
 
 def test_a_secret_interpolation_is_read_from_the_environment_and_never_written(tmp_path, monkeypatch):
     """`${secret:NAME}`: the run uses the value; config.yaml masks it and records the reference, so rerun works."""
-    from alignment.compose import compose_run_config
-    from alignment.rerun import expand_rerun
-    from alignment.rundir import RunDir, write_config
+    from alignment.preflight.compose import compose_run_config
+    from alignment.preflight.rerun import expand_rerun
+    from alignment.records.rundir import RunDir, write_config
 
     override = "eval.judge.url=https://judge:${secret:ALIGNMENT_TEST_PASSWORD}@judge.example/v1"
     with pytest.raises(ConfigError, match=r"^\$\{secret:ALIGNMENT_TEST_PASSWORD\}: the environment variable "
@@ -161,8 +161,8 @@ def test_hydra_writes_its_config_files_masked(tmp_path, monkeypatch):
 
 
 def test_sweep_dir_and_tracker_names_mask_secrets():
-    from alignment.sweep import sweep_name
-    from alignment.trackers import member_label
+    from alignment.sweep.naming import sweep_name
+    from alignment.records.trackers import member_label
 
     overrides = ["eval.judge.url=https://u:pa55word@h/v1", "beta=0.1,0.5"]
     assert "pa55word" not in sweep_name(overrides) and sweep_name(overrides).startswith("beta-0.1-0.5_eval.judge.url")
@@ -173,7 +173,7 @@ def test_sweep_dir_and_tracker_names_mask_secrets():
 
 def test_the_sweep_name_masks_the_value_of_a_variable_the_command_line_names(monkeypatch):
     """The sweep dir is named before validation runs: `*_env=NAME` on the command line already masks NAME's value."""
-    from alignment.sweep import sweep_name
+    from alignment.sweep.naming import sweep_name
 
     monkeypatch.setenv("JUDGE_CREDS", "plain-looking-value")
     name = sweep_name(["eval.judge.api_key_env=JUDGE_CREDS", "eval.judge.model=plain-looking-value"])
@@ -239,7 +239,7 @@ def test_no_secret_in_any_file_dir_name_tracker_or_console_of_a_sweep(tmp_path):
 
 def test_log_lines_printed_above_progress_bars_are_masked(monkeypatch, capsys):
     """On a terminal, tqdm's handler replaces the (masked) console handler while bars are open: it masks too."""
-    import alignment.console as console
+    import alignment.records.console as console
 
     monkeypatch.setattr(console, "on_terminal", lambda: True)
     logger = logging.getLogger("alignment.test_secrets")
@@ -256,7 +256,7 @@ def test_an_error_quoting_a_value_masks_the_secret_in_it():
 
 @pytest.mark.parametrize("setting", [f"run_name=leak-{TOKEN}", "tracker.project=https://u:pa55word@wandb.example"])
 def test_a_secret_in_a_setting_that_names_dirs_or_runs_is_refused(setting):
-    from alignment.compose import compose_run_config
+    from alignment.preflight.compose import compose_run_config
 
     with pytest.raises(ConfigError, match=f"^{setting.split('=')[0]} holds a secret") as err:
         check_secret_settings(compose_run_config([setting]))

@@ -30,8 +30,8 @@ def test_the_real_model_package_is_installed_where_it_is_required():
 @pytest.fixture(scope="session")
 def smol_checkpoint() -> Path:
     """The GGUF file dequantized once into a checkpoint dir (the session's $ALIGNMENT_CACHE)."""
-    from alignment.compose import compose_run_config
-    from alignment.start import resolve_start
+    from alignment.preflight.compose import compose_run_config
+    from alignment.models.start import resolve_start
 
     return Path(resolve_start(compose_run_config([SMOL, "stage=sft"])).weights)
 
@@ -39,9 +39,9 @@ def smol_checkpoint() -> Path:
 def test_preset_facts_are_the_gguf_files_and_count_the_real_parameters(smol_checkpoint):
     from transformers import AutoConfig
 
-    from alignment.gguf_checkpoint import gguf_origin
-    from alignment.compose import compose_run_config
-    from alignment.plan import model_parameter_count
+    from alignment.models.gguf_checkpoint import gguf_origin
+    from alignment.preflight.compose import compose_run_config
+    from alignment.plan.memory import model_parameter_count
 
     cfg = compose_run_config([SMOL, "stage=sft"])
     arch = cfg.model.architecture
@@ -57,7 +57,7 @@ def test_preset_facts_are_the_gguf_files_and_count_the_real_parameters(smol_chec
 def test_template_lint_on_the_real_tokenizer_and_template(smol_checkpoint, option):
     """With the preset's pad token the three schemas lint clean; the tokenizer's own pad is its EOS (a finding)."""
     from alignment.data import prepare
-    from alignment.modeling import load_tokenizer
+    from alignment.models.modeling import load_tokenizer
 
     for pad, expected in (("'<|endoftext|>'", []), ("null", ["pad_equals_eos"])):
         cfg = dataset_config(option, SMOL, "dataset.lint=warn", f"model.tokenizer.pad_token={pad}")
@@ -80,7 +80,7 @@ def test_sft_then_dpo_with_lora_equals_plain_trl_and_the_adapter_loads_anywhere(
     from trl import DPOConfig, DPOTrainer
 
     from alignment.data import prepare
-    from alignment.modeling import load_tokenizer
+    from alignment.models.modeling import load_tokenizer
 
     s = DPO_SETTINGS
     sft = train(tmp_path, "sft", SMOL, "stage=sft", "peft=lora", "stage.max_steps=2", "stage.max_length=96",

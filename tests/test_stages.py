@@ -63,8 +63,8 @@ CASES = {
 
 
 def _composed(*overrides: str):
-    from alignment.compose import compose_run_config
-    from alignment.validation import validate
+    from alignment.preflight.compose import compose_run_config
+    from alignment.preflight.validation import validate
 
     cfg = compose_run_config(list(overrides))
     validate(cfg)
@@ -91,7 +91,7 @@ def _plain_trl(output_dir: Path, cfg, start_model: str, module: str, trainer_nam
     from trl.data_utils import unpair_preference_dataset
 
     from alignment.data import prepare
-    from alignment.modeling import load_tokenizer
+    from alignment.models.modeling import load_tokenizer
 
     trl_module = importlib.import_module(module)
     trainer_class, config_class = getattr(trl_module, trainer_name), getattr(trl_module, config_name)
@@ -115,7 +115,7 @@ def _plain_trl(output_dir: Path, cfg, start_model: str, module: str, trainer_nam
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_stage_losses_equal_plain_trl(tmp_path, case):
-    from alignment.stages.registry import stage_of
+    from alignment.config.registry import stage_of
 
     overrides, (module, trainer_name, config_name), method = CASES[case]
     run_dir = tmp_path / "ours"
@@ -164,7 +164,7 @@ RESUME = ["stage=kto", "stage.max_steps=4", "stage.save_steps=2", *SHORT[1:]]
 @pytest.mark.slow
 def test_kto_resume_matches_an_uninterrupted_run(tmp_path):
     from alignment.runner import run_stage
-    from alignment.tracking import read_metrics
+    from alignment.records.tracking import read_metrics
 
     straight = train(tmp_path, "straight", *RESUME)
     expected = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
@@ -237,9 +237,9 @@ MY_METHOD = '''
 """A throwaway stage: DPO's trainer with the hinge loss, as a method of one's own."""
 from dataclasses import dataclass
 
-from alignment.config import PreferenceStageConfig
+from alignment.config.schema import PreferenceStageConfig
 from alignment.stages import common
-from alignment.stages.registry import Stage, register
+from alignment.config.registry import Stage, register
 
 
 @dataclass
@@ -343,9 +343,9 @@ def test_what_the_stages_rely_on_in_trl():
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from alignment.library_choices import loss_types
+    from alignment.preflight.library_choices import loss_types
     from alignment.stages.common import _our_trainer_class
-    from alignment.stages.registry import stage_named
+    from alignment.config.registry import stage_named
 
     def fields(config_class) -> set[str]:
         return {f.name for f in dataclasses.fields(config_class)}
@@ -398,7 +398,7 @@ STAGE_YAMLS = sorted((REPO / "alignment" / "conf" / "stage").glob("*.yaml"))
 def test_every_stage_yaml_lists_exactly_its_config_fields(path):
     """Every field of the stage's config class but `module` and the short key `beta` (set at top level), so users
     never need `+stage.x=`; and nothing the class does not have."""
-    from alignment.stages.registry import SHORT_KEYS, stage_named
+    from alignment.config.registry import SHORT_KEYS, stage_named
 
     node = yaml.safe_load(path.read_text())
     stage_keys = node["stage"]
@@ -413,7 +413,7 @@ def test_every_stage_yaml_lists_exactly_its_config_fields(path):
 
 
 def test_the_stage_yamls_cover_every_built_in_stage():
-    from alignment.stages.registry import BUILT_IN
+    from alignment.config.registry import BUILT_IN
 
     names = {yaml.safe_load(p.read_text())["stage"]["name"] for p in STAGE_YAMLS}
     assert names == set(BUILT_IN)

@@ -67,7 +67,7 @@ def test_wandb_offline_run_holds_reward_metrics_and_the_masked_config(tmp_path):
 
 
 def test_wandb_sweep_groups_members_and_keeps_a_dashboard_spec_offline(demo_run, tmp_path):
-    from alignment.dashboard import build_workspace
+    from alignment.records.dashboard import build_workspace
 
     result = run_cli("--multirun", "stage=dpo", "tracker=wandb", "beta=0.1,0.5", "stage.max_steps=2",
                      f"parent_run={demo_run['dir'] / '1-sft'}", "stage.global_batch_size=8", "stage.max_length=256",
@@ -79,7 +79,7 @@ def test_wandb_sweep_groups_members_and_keeps_a_dashboard_spec_offline(demo_run,
     assert spec["group"] == sweep.name and spec["group_by"] == ["beta"] and spec["x"] == "train/global_step"
     assert [p["title"] for p in spec["panels"]] == ["reward margins", "reward accuracies", "chosen vs rejected rewards",
                                                      "loss", "grad_norm", "learning rate"]
-    assert "python -m alignment.dashboard publish" in result.stdout
+    assert "python -m alignment.records.dashboard publish" in result.stdout
     for member in ("0", "1"):
         records = wandb_records(next((sweep / member / "wandb").glob("offline-run-*/run-*.wandb")))
         run = next(r.run for r in records if r.WhichOneof("record_type") == "run")

@@ -6,11 +6,12 @@ lengths (chat-template token lengths, prompt budget), lint (template bugs), repo
 
 from __future__ import annotations
 
-from ..config import ConfigError, DatasetConfig
-from .loading import check_source, source_key
-from .pipeline import PreparedData, data_format, prepare
-from .report import format_report
-from .schemas import SCHEMAS
+from alignment.errors import ConfigError
+from alignment.config.schema import DatasetConfig
+from alignment.data.loading import check_source, source_key
+from alignment.data.pipeline import PreparedData, data_format, prepare
+from alignment.data.report import format_report
+from alignment.data.schemas import SCHEMAS
 
 
 def check_sources(dataset: DatasetConfig, offline: bool) -> None:

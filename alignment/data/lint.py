@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .lengths import common_prefix, template_ids
+from alignment.data.lengths import common_prefix, template_ids
 
 ADVICE = {
     "duplicate_bos": ("error", "The template already writes BOS; tokenize without adding special tokens again, "

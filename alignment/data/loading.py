@@ -14,9 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, SourceConfig
-from ..sources import in_hub_cache, looks_local
-from .schemas import SCHEMAS, check_row, missing_columns
+from alignment.errors import ConfigError
+from alignment.config.schema import SourceConfig
+from alignment.config.sources import in_hub_cache, looks_local
+from alignment.data.schemas import SCHEMAS, check_row, missing_columns
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

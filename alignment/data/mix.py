@@ -11,8 +11,9 @@ import math
 import zlib
 from dataclasses import dataclass
 
-from ..config import ConfigError, SourceConfig
-from .loading import holds_train_only, load_split, locate
+from alignment.errors import ConfigError
+from alignment.config.schema import SourceConfig
+from alignment.data.loading import holds_train_only, load_split, locate
 
 ROW = "__row"
 

@@ -22,14 +22,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..cache import cache_root, entry_problem, publish_once
-from ..config import ConfigError, DatasetConfig, RunConfig, SourceConfig, as_dict
-from . import lint as linter
-from .lengths import measure_chat, measure_preference
-from .loading import content_fingerprint, load_split, locate, source_key
-from .mix import ROW, Selection, select
-from .report import build_report, describe_drops
-from .schemas import PROBLEM_KINDS, SCHEMAS, check_row, convert_row, drop_advice
+from alignment.records.cache import cache_root, entry_problem, publish_once
+from alignment.errors import ConfigError
+from alignment.config.schema import DatasetConfig, RunConfig, SourceConfig, as_dict
+from alignment.data import lint as linter
+from alignment.data.lengths import measure_chat, measure_preference
+from alignment.data.loading import content_fingerprint, load_split, locate, source_key
+from alignment.data.mix import ROW, Selection, select
+from alignment.data.report import build_report, describe_drops
+from alignment.data.schemas import PROBLEM_KINDS, SCHEMAS, check_row, convert_row, drop_advice
+from alignment.runtime.ranks import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +218,6 @@ def private_dir(cfg: RunConfig) -> Path:
 def prepared_dir(cfg: RunConfig, tokenizer) -> Path:
     """Where the stage's prepared splits are: the verified shared cache entry (built once, under its lock, by
     whichever process gets there first), or with dataset.cache=false a fresh private copy."""
-    from ..ranks import is_main_process
 
     key = fingerprint(cfg, tokenizer)
     if cfg.dataset.cache:

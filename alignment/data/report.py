@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ..config import RunConfig
-from .schemas import SCHEMAS
+from alignment.config.schema import RunConfig
+from alignment.data.schemas import SCHEMAS
+from alignment.data.lint import describe
 
 PERCENTILES = (50, 90, 99)
 
@@ -111,7 +112,6 @@ def format_report(report: dict) -> str:
     findings = report["lint"]["findings"]
     lines.append(f"template lint on {report['lint']['rows_checked']} train rows: "
                  f"{'clean' if not findings else str(len(findings)) + ' finding(s)'}")
-    from .lint import describe
 
     lines += [f"  {describe(f)}" for f in findings]
     return "\n".join(lines)

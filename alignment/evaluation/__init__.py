@@ -5,8 +5,8 @@ judges (rule, reward model, OpenAI-compatible HTTP), harness (optional lm-evalua
 evaluate (what is compared, the outputs under eval/).
 """
 
-from .evaluate import EVAL_DIR, evaluate, format_headline, subjects_of_config, subjects_of_run
-from .judges import JudgeError, check_judge
+from alignment.evaluation.evaluate import EVAL_DIR, evaluate, format_headline, subjects_of_config, subjects_of_run
+from alignment.evaluation.judges import JudgeError, check_judge
 
 __all__ = ["EVAL_DIR", "JudgeError", "check_judge", "evaluate", "format_headline", "subjects_of_config",
            "subjects_of_run"]

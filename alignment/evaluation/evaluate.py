@@ -28,12 +28,16 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 
-from ..config import ConfigError, RunConfig
-from ..rundir import RunDir, read_summary, update_summary, write_json
-from ..start import adapter_base_path, is_adapter_dir, resolve_start
-from .generation import generate, prompt_set, write_generations
-from .judges import JudgeError, judge_pairs, make_judge
-from .scoring import PairLogps, pair_logps, preference_accuracy
+from alignment.errors import ConfigError
+from alignment.config.schema import RunConfig
+from alignment.records.rundir import RunDir, read_summary, update_summary, write_json
+from alignment.models.start import adapter_base_path, is_adapter_dir, resolve_start
+from alignment.evaluation.generation import generate, prompt_set, write_generations
+from alignment.evaluation.judges import JudgeError, judge_pairs, make_judge
+from alignment.evaluation.scoring import PairLogps, pair_logps, preference_accuracy
+from alignment.data import data_format, prepare
+from alignment.evaluation.harness import run_tasks
+from alignment.models.modeling import load_model, load_tokenizer, uses_cuda
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,6 @@ def subjects_of_config(cfg: RunConfig) -> Subjects:
 
 def _each_model(sources: list[ModelSource], cfg: RunConfig) -> Iterator[tuple[ModelSource, Any]]:
     """Every source's model, one base in memory at a time; adapters on one base share it."""
-    from ..modeling import load_model, uses_cuda
 
     by_weights: dict[str, list[ModelSource]] = {}
     for source in sources:
@@ -143,7 +146,6 @@ def _empty_cuda_cache() -> None:
 
 def _eval_rows(cfg: RunConfig, tokenizer) -> list[dict]:
     """The prepared eval split (checked and truncated as for training), [] when the dataset has none."""
-    from ..data import prepare
 
     data = prepare(cfg, tokenizer)
     return data.eval.to_list() if data.eval is not None else []
@@ -176,7 +178,6 @@ def _prompt_rows(cfg: RunConfig, rows: list[dict]) -> list[dict]:
 
 
 def _is_preference_data(cfg: RunConfig) -> bool:
-    from ..data import data_format
 
     return data_format(cfg.dataset) == "preference"
 
@@ -204,7 +205,6 @@ def _score_and_generate(cfg: RunConfig, tokenizer, sources: list[ModelSource], p
 
 def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
     """Score, generate, judge; write <run>/eval/ and summary.json["evaluation"]. Returns the report."""
-    from ..modeling import load_tokenizer
 
     settings = cfg.eval
     out = run.path / EVAL_DIR
@@ -249,7 +249,6 @@ def evaluate(cfg: RunConfig, run: RunDir, subjects: Subjects) -> dict[str, Any]:
             "generations_per_second": round(len(prompts) * len(needs_answers) / max(timing["generation_seconds"], 1e-9), 2)}
     report["timing"] = {k: round(v, 3) for k, v in timing.items()}
     if settings.lm_eval_tasks:
-        from .harness import run_tasks
 
         report["lm_eval"] = run_tasks(subjects.candidate.weights, subjects.candidate.adapter, cfg)
         _write_report(out, report)

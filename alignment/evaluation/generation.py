@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ConfigError, GenerationConfig
-from ..console import progress
+from alignment.errors import ConfigError
+from alignment.config.schema import GenerationConfig
+from alignment.records.console import progress
 
 Messages = list[dict[str, str]]
 

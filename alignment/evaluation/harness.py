@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ConfigError, EvalConfig, RunConfig
-from ..optional import require_importable
+from alignment.errors import ConfigError
+from alignment.config.schema import EvalConfig, RunConfig
+from alignment.runtime.optional import require_importable
+from alignment.models.modeling import uses_cuda
 
 
 def check_harness(settings: EvalConfig) -> None:
@@ -35,7 +37,6 @@ def run_tasks(weights: str, adapter: str | None, cfg: RunConfig) -> dict[str, An
     """Each task's metrics, as the harness reports them (its `results` dict)."""
     import lm_eval
 
-    from ..modeling import uses_cuda
 
     settings = cfg.eval
     output = lm_eval.simple_evaluate(model="hf", model_args=model_arguments(weights, adapter, cfg),

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import ConfigError, JudgeConfig
+from alignment.errors import ConfigError
+from alignment.config.schema import JudgeConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..console import progress
+from alignment.records.console import progress
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""One module per stage; each defines its typed config and registers a `Stage` (alignment/stages/registry.py)."""
+"""One module per stage; each defines its typed config and registers a `Stage` (alignment/config/registry.py)."""

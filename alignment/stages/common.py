@@ -8,18 +8,18 @@ from typing import Any, Callable
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..backends import arm_engine
-from ..cache import adding_derived_files
-from ..config import RunConfig
-from ..data import PreparedData, prepare
-from ..modeling import load_policy, load_tokenizer, lora_config, uses_cuda
-from ..resolved_plan import plan_of
-from ..preemption import phase_boundary
-from ..ranks import is_main_process, main_process_first
-from ..rundir import RunDir, write_json
-from ..start import StartingPoint
-from ..trackers import report_to
-from ..tracking import MetricsProgress
+from alignment.launch.backends import arm_engine
+from alignment.records.cache import adding_derived_files
+from alignment.config.schema import RunConfig
+from alignment.data import PreparedData, prepare
+from alignment.models.modeling import load_policy, load_tokenizer, lora_config, uses_cuda
+from alignment.plan.resolved import plan_of
+from alignment.runtime.preemption import phase_boundary
+from alignment.runtime.ranks import is_main_process, main_process_first
+from alignment.records.rundir import RunDir, write_json
+from alignment.models.start import StartingPoint
+from alignment.records.trackers import report_to
+from alignment.records.tracking import MetricsProgress
 
 
 def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, Any]:
@@ -80,10 +80,10 @@ def _our_trainer_class(trainer_class, prepared_data: Path | None):
     """The TRL trainer class as runs use it.
 
     - Without TRL's draft model card, which it writes into checkpoints/ at every save (with hub links to
-      huggingface.co/None): the run's card is alignment.model_card's, in model/README.md.
+      huggingface.co/None): the run's card is alignment.records.model_card's, in model/README.md.
     - Its tokenization (TRL's private `_prepare_dataset`, which `datasets` caches beside the prepared splits) runs
       under the prepared-data entry's lock: one process tokenizes, concurrent runs wait and reuse, and a cached
-      tokenized file that fails verification is removed first, so it is tokenized again (alignment/cache.py).
+      tokenized file that fails verification is removed first, so it is tokenized again (alignment/records/cache.py).
     """
     class OurTrainer(trainer_class):
         prepared_data_dir = prepared_data

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PreferenceStageConfig, RunConfig
-from ..ranges import Range
-from ..rundir import RunDir
-from ..start import StartingPoint
-from .registry import Stage, register
+from alignment.config.schema import PreferenceStageConfig, RunConfig
+from alignment.preflight.ranges import Range
+from alignment.records.rundir import RunDir
+from alignment.models.start import StartingPoint
+from alignment.config.registry import Stage, register
 
 
 @dataclass
@@ -35,7 +35,9 @@ class CPOStageConfig(PreferenceStageConfig):
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
-    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
+    # The trainer stack (transformers, peft, trl) loads when a run trains, not when a command is composed.
+    from alignment.stages import common
+
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     stage = cfg.stage

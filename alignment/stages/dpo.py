@@ -1,4 +1,4 @@
-"""Direct preference optimisation with TRL's DPOTrainer, with the reference option chosen by alignment.reference."""
+"""Direct preference optimisation with TRL's DPOTrainer, with the reference option chosen by alignment.plan.reference."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PreferenceStageConfig, RunConfig
-from ..modeling import load_model
-from ..ranges import Range
-from ..reference import precompute_key
-from ..resolved_plan import plan_of
-from ..rundir import RunDir
-from ..start import StartingPoint
-from .registry import Stage, register
+from alignment.config.schema import PreferenceStageConfig, RunConfig
+from alignment.models.modeling import load_model
+from alignment.preflight.ranges import Range
+from alignment.plan.reference import precompute_key
+from alignment.plan.resolved import plan_of
+from alignment.records.rundir import RunDir
+from alignment.models.start import StartingPoint
+from alignment.config.registry import Stage, register
+from alignment.records.cache import adding_derived_files
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def _trainer_class():
             verification is removed (and computed again), a new one is listed with its checksum, and concurrent
             runs compute the same log-probs once. The other ranks wait until the main process has checked the
             cache, so every rank sees the same file (or none) and all take part in the computation together."""
-            from ..cache import adding_derived_files
 
             with adding_derived_files(getattr(self, "prepared_data_dir", None), self.accelerator.is_main_process,
                                       "reference log-probs", checked=self.accelerator.wait_for_everyone):
@@ -85,7 +85,9 @@ def _trainer_class():
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
-    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
+    # The trainer stack (transformers, peft, trl) loads when a run trains, not when a command is composed.
+    from alignment.stages import common
+
     from trl import DPOConfig
 
     choice = plan_of(cfg).reference

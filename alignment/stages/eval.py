@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import StageConfig
-from .registry import Stage, register
+from alignment.config.schema import StageConfig
+from alignment.config.registry import Stage, register
 
 
 @dataclass

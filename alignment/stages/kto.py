@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import PreferenceStageConfig, RunConfig
-from ..modeling import load_model
-from ..ranges import Range
-from ..resolved_plan import plan_of
-from ..rundir import RunDir
-from ..start import StartingPoint
-from .registry import Stage, register
+from alignment.config.schema import PreferenceStageConfig, RunConfig
+from alignment.models.modeling import load_model
+from alignment.preflight.ranges import Range
+from alignment.plan.resolved import plan_of
+from alignment.records.rundir import RunDir
+from alignment.models.start import StartingPoint
+from alignment.config.registry import Stage, register
 
 
 @dataclass
@@ -45,7 +45,9 @@ def unpaired(rows):
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
-    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
+    # The trainer stack (transformers, peft, trl) loads when a run trains, not when a command is composed.
+    from alignment.stages import common
+
     from trl import KTOConfig, KTOTrainer
 
     stage = cfg.stage

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import RunConfig, TrainingStageConfig
-from ..rundir import RunDir
-from ..start import StartingPoint
-from .registry import Stage, register
+from alignment.config.schema import RunConfig, TrainingStageConfig
+from alignment.records.rundir import RunDir
+from alignment.models.start import StartingPoint
+from alignment.config.registry import Stage, register
 
 
 @dataclass
@@ -18,7 +18,9 @@ class SFTStageConfig(TrainingStageConfig):
 
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=()):
-    from . import common  # the trainer stack (transformers, peft, trl): loaded when a run trains, not to compose
+    # The trainer stack (transformers, peft, trl) loads when a run trains, not when a command is composed.
+    from alignment.stages import common
+
     from trl import SFTConfig, SFTTrainer
 
     return common.build_trainer(

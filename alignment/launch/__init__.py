@@ -1,0 +1,1 @@
+"""Starting the ranks (accelerate/torchrun, SLURM) and the distributed engines' settings."""

@@ -1,0 +1,1 @@
+"""What a run leaves behind: the run dir, metrics, trackers, plots, model card, diagnostics, shared caches."""

@@ -1,0 +1,1 @@
+"""--multirun sweeps: their dirs, members and summary."""
