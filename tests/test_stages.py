@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import TrainerCallback
 
 from tests.conftest import REPO, run_cli, train
+from tests.test_resume import CrashAtStep  # raises at the end of a step, before it is logged or saved
 
 LOSS_TOLERANCE = 1e-5
 STEPS, MICRO, LR, SEED, MAX_LENGTH = 3, 4, 1e-3, 42, 128
@@ -145,17 +145,6 @@ def test_stage_losses_equal_plain_trl(tmp_path, case):
     elif case == "kto":
         # kto loss with equal weights at policy = reference: every reward and the KL estimate are 0, 1 - σ(0).
         assert ours[0] == pytest.approx(0.5, abs=LOSS_TOLERANCE)
-
-
-class CrashAtStep(TrainerCallback):
-    """Raises at the end of a step, before it is logged or saved (as tests/test_resume.py does)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise RuntimeError(f"simulated crash at step {self.step}")
 
 
 RESUME = ["stage=kto", "stage.max_steps=4", "stage.save_steps=2", *SHORT[1:]]
