@@ -147,23 +147,25 @@ def test_stage_losses_equal_plain_trl(tmp_path, case):
         assert ours[0] == pytest.approx(0.5, abs=LOSS_TOLERANCE)
 
 
-RESUME = ["stage=kto", "stage.max_steps=4", "stage.save_steps=2", *SHORT[1:]]
+RESUME = ["stage.max_steps=4", "stage.save_steps=2", *SHORT[1:]]
 
 
 @pytest.mark.slow
-def test_kto_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stage", ["kto", "orpo", "simpo"])  # the three new trainers (simpo is TRL's CPOTrainer)
+def test_resume_matches_an_uninterrupted_run(tmp_path, stage):
     from alignment.runner import run_stage
     from alignment.records.tracking import read_metrics
 
-    straight = train(tmp_path, "straight", *RESUME)
+    resume = [f"stage={stage}", *RESUME]
+    straight = train(tmp_path, "straight", *resume)
     expected = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
     assert [step for step, _ in expected] == [1, 2, 3, 4]
 
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_stage(_composed(*RESUME, f"run_dir={crashed}"), callbacks=[CrashAtStep(3)])
+        run_stage(_composed(*resume, f"run_dir={crashed}"), callbacks=[CrashAtStep(3)])
     assert json.loads((crashed / "summary.json").read_text())["status"] == "failed"
-    resumed = run_stage(_composed(*RESUME, f"run_dir={crashed}", "resume=true"))
+    resumed = run_stage(_composed(*resume, f"run_dir={crashed}", "resume=true"))
     assert resumed.summary["status"] == "finished"
     assert resumed.summary["resumed_from"].endswith("checkpoint-2")
 
