@@ -301,6 +301,6 @@ def refuse_unused_short_keys(overrides: list[str], configs: list[RunConfig]) -> 
         given = [o for o in overrides if override_key(o) == key]
         if given and not any(key in stage_of(cfg).config.__dataclass_fields__ for cfg in configs):
             stages = ", ".join(sorted({cfg.stage.name for cfg in configs}))
-            users = ", ".join(name for name, stage in all_stages().items() if key in stage.config.__dataclass_fields__)
+            users = ", ".join(_stages_with(key))
             raise ConfigError(f"{given[0]} has no effect on stage={stages}, which has no {key} setting. Remove it "
                               f"(stages with a {key}: {users}).")
