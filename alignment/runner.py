@@ -33,6 +33,7 @@ from alignment.runtime.preemption import Interrupted, StopAtStepBoundary, StopRe
 from alignment.records.rundir import RunDir, check_resume_matches, check_run_dir, default_run_name, has_model, is_finished, last_complete_checkpoint, new_run_path, newest_complete_checkpoint, read_summary, update_summary, write_config
 from alignment.config.registry import stage_of
 from alignment.sweep.naming import current_sweep_name
+from alignment.sweep.member_process import parallel_member
 from alignment.sweep.sweeps import member_state, objective_value, record_member
 from alignment.records.trackers import MEMBER_LABEL_ENV, SWEEP_GROUP_ENV, finish_tracker, member_label, start_tracker, tracker_environment
 from alignment.models.start import lineage, prepare_start, resolve_start
@@ -287,6 +288,10 @@ def run(cfg: RunConfig, user_overrides: list[str], job_dir: Path | None = None) 
 
     Returns the run dir. In a launched rank the run dir is the one its parent chose (run_dir=...).
     """
+    member = parallel_member()  # a member process of hydra/launcher=parallel: runs as the basic launcher's members do
+    if member is not None and job_dir is None:
+        run_member(cfg, member.overrides, member.dir, member.number)
+        return member.dir
     chained = bool(link_overrides(cfg, user_overrides))
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     quiet_libraries()

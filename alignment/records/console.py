@@ -1,5 +1,6 @@
 """What a person sees while a run works: bars on a terminal that log lines never break, timed step lines
-everywhere (CI and sbatch logs have no bar), and numbers printed so that a tiny value does not read as zero."""
+everywhere (CI and sbatch logs have no bar), numbers printed so that a tiny value does not read as zero, and the
+lines of a parallel sweep's members relayed under each member's name."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import contextlib
 import logging
 import math
 import sys
+import threading
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import IO, Iterable, Iterator, TextIO, TypeVar
 from alignment.secrets import RedactingFilter
 
 T = TypeVar("T")
@@ -86,3 +88,20 @@ def bars_above_logs():
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(RedactingFilter())
         yield
+
+
+# One lock for every relayed line of this process: lines of concurrent members never interleave mid-line.
+_RELAY_LOCK = threading.Lock()
+
+
+def relay_lines(source: IO[bytes], sink: TextIO, prefix: str) -> None:
+    """Copy a child's output to `sink` line by line, each line under `prefix` (a parallel sweep's member name), so
+    that the lines of members running at once stay attributable. Returns when the child closes the stream."""
+    for raw in iter(source.readline, b""):
+        # A carriage return (a bar redrawing itself) starts a new line too: every piece carries the prefix.
+        for piece in raw.decode(errors="replace").rstrip("\n").split("\r"):
+            if piece.strip():
+                with _RELAY_LOCK:
+                    sink.write(f"{prefix} {piece}\n")
+                    sink.flush()
+    source.close()
