@@ -57,7 +57,8 @@ def main() -> None:
                                f"stage.global_batch_size={SETTINGS['batch']}",
                                f"learning_rate={SETTINGS['lr']}", f"beta={SETTINGS['beta']}",
                                f"stage.max_length={SETTINGS['max_length']}", "stage.max_prompt_length=128", f"seed={SETTINGS['seed']}",
-                               "stage.warmup_ratio=0", "dataset.eval_split=null", f"run_dir={run_dir}"], env)
+                               "stage.warmup_ratio=0", "dataset.eval_split=null", "stage.batching=random",  # TRL's order
+                               f"run_dir={run_dir}"], env)
             t_plain, out = timed([sys.executable, str(REPO / "bench" / "plain_trl_dpo.py"), "--model", str(model),
                                   "--data", str(data), "--output", str(Path(scratch) / f"plain-{repeat}"),
                                   "--steps", str(args.steps), "--batch", str(SETTINGS["batch"]),

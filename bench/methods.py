@@ -42,7 +42,8 @@ SFT_LINK = ["stage=sft", "learning_rate=3.0e-3", "stage.max_steps=400", "stage.p
 # The demo's DPO link without stage, beta and the evaluation; a linear schedule said explicitly (stage=simpo's
 # default is cosine).
 TRAIN_LINK = ["stage.warmup_ratio=0.0", "stage.max_length=256",
-              "stage.max_prompt_length=128", "stage.lr_scheduler_type=linear", f"seed={SEED}"]
+              "stage.max_prompt_length=128", "stage.lr_scheduler_type=linear", f"seed={SEED}",
+              "stage.batching=random"]  # TRL's own batch order, as the plain-TRL scripts use
 EVAL_LINK = ["eval.after_training=true", "judge=rule", "eval.generation.max_new_tokens=16",
              "eval.generation.temperature=1.0", "eval.generation.samples_per_prompt=4"]
 

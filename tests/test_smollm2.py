@@ -92,7 +92,7 @@ def test_sft_then_dpo_with_lora_equals_plain_trl_and_the_adapter_loads_anywhere(
                 f"stage.per_device_train_batch_size={s['batch']}", f"stage.global_batch_size={s['batch']}",
                 f"learning_rate={s['learning_rate']}", f"beta={s['beta']}", f"seed={s['seed']}",
                 "stage.lr_scheduler_type=linear", "stage.warmup_ratio=0.0", "stage.optim=adamw_torch",
-                "stage.eval_steps=null")
+                "stage.eval_steps=null", "stage.batching=random")  # TRL's own batch order, as the plain script
     assert dpo.summary["status"] == "finished"
     assert dpo.summary["reference"]["option"] == "adapter_copy"  # the SFT adapter, frozen, is the reference
     ours = [record["loss"] for record in dpo.trainer.state.log_history if "loss" in record]

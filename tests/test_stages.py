@@ -32,6 +32,7 @@ SHORT = [f"stage.max_steps={STEPS}", f"stage.max_length={MAX_LENGTH}", "stage.ma
          f"stage.per_device_train_batch_size={MICRO}", f"stage.global_batch_size={MICRO}", f"learning_rate={LR}",
          f"seed={SEED}", "stage.lr_scheduler_type=linear", "stage.warmup_ratio=0", "stage.weight_decay=0",
          "stage.max_grad_norm=1.0", "stage.optim=adamw_torch", "stage.eval_steps=null", "dataset.eval_split=null",
+         "stage.batching=random",  # TRL's own sampler: per-step parity (the default, length-aware, regroups batches)
          "dataset.rows=16"]
 
 

@@ -10,6 +10,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from alignment.launch.backends import arm_engine
 from alignment.records.cache import adding_derived_files
+from alignment.preflight.batching import batching_strategy
+from alignment.stages.batching import TokenTally, length_sampler, padded_lengths
 from alignment.config.schema import RunConfig
 from alignment.data import PreparedData, prepare
 from alignment.models.modeling import load_policy, load_tokenizer, lora_config, uses_cuda
@@ -55,8 +57,9 @@ def trainer_arguments(cfg: RunConfig, run: RunDir, has_eval: bool) -> dict[str, 
         # Without use_cpu, transformers and accelerate may disagree on the device and world size (see
         # notes/distributed-on-cpu.md); say it explicitly whenever no CUDA device is used.
         use_cpu=not uses_cuda(cfg),
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing=plan.gradient_checkpointing,  # model.gradient_checkpointing, auto resolved
         gradient_checkpointing_kwargs={"use_reentrant": cfg.model.use_reentrant},
+        use_liger_kernel=stage.use_liger_kernel,
         report_to=report_to(cfg),
         # Every trainable parameter takes part in every step (frozen LoRA bases do not require grad), so DDP
         # need not search the graph for unused ones each step.
@@ -76,7 +79,7 @@ def prepare_data(cfg: RunConfig, run: RunDir, source) -> tuple[Any, PreparedData
     return tokenizer, data
 
 
-def _our_trainer_class(trainer_class, prepared_data: Path | None):
+def _our_trainer_class(trainer_class, prepared_data: Path | None, batching: str, packed: bool):
     """The TRL trainer class as runs use it.
 
     - Without TRL's draft model card, which it writes into checkpoints/ at every save (with hub links to
@@ -84,12 +87,26 @@ def _our_trainer_class(trainer_class, prepared_data: Path | None):
     - Its tokenization (TRL's private `_prepare_dataset`, which `datasets` caches beside the prepared splits) runs
       under the prepared-data entry's lock: one process tokenizes, concurrent runs wait and reuse, and a cached
       tokenized file that fails verification is removed first, so it is tokenized again (alignment/records/cache.py).
+    - With length-aware batching (alignment/stages/batching.py), transformers' length-grouped sampler fed with each
+      example's padded length; every training batch's real and computed tokens are counted (`token_tally`).
     """
     class OurTrainer(trainer_class):
         prepared_data_dir = prepared_data
+        batching_strategy, packed_row = batching, packed
 
         def create_model_card(self, *args, **kwargs) -> None:
             return None
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.batching_strategy != "length" or dataset is None:
+                return super()._get_train_sampler(train_dataset)
+            lengths = padded_lengths(dataset, self.args.max_length)
+            return length_sampler(dataset, lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.token_tally.add(inputs, self.packed_row)
+            return super().training_step(model, inputs, *args, **kwargs)
 
         if hasattr(trainer_class, "_prepare_dataset"):
             def _prepare_dataset(self, *args, **kwargs):
@@ -108,11 +125,12 @@ def _our_trainer_class(trainer_class, prepared_data: Path | None):
 
 def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, config_class, trainer_class,
                   trainer_extras: Callable[[PreparedData], dict] | None = None,
-                  convert_rows: Callable[[Any], Any] | None = None, **stage_arguments):
+                  convert_rows: Callable[[Any], Any] | None = None, packed_row: bool = False, **stage_arguments):
     """Tokenizer, then data (bad rows stop the run before any weights load), then weights, into a TRL trainer.
 
     trainer_extras(data) gives stage-specific trainer arguments that need the prepared data (DPO's reference).
     convert_rows(split) turns the prepared rows into the ones the trainer reads (KTO: pairs into labelled rows).
+    packed_row: the stage computes each batch as one packed row of real tokens (DPO's stage.padding_free).
     """
     with main_process_first():  # rank 0 fills the prepared-data cache; the other ranks then read it
         tokenizer, data = prepare_data(cfg, run, start.tokenizer)
@@ -125,7 +143,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
     model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
     arm_engine(cfg)
-    trainer = _our_trainer_class(trainer_class, data.location)(
+    trainer = _our_trainer_class(trainer_class, data.location, batching_strategy(cfg.stage), packed_row)(
         model=model,
         args=args,
         train_dataset=train_rows,
@@ -136,6 +154,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
         callbacks=list(callbacks),
         **(trainer_extras(data) if trainer_extras else {}),
     )
+    trainer.token_tally = TokenTally()
     trainer.remove_callback(PrinterCallback)  # MetricsWriter logs compact lines instead of every dict
     if not args.disable_tqdm:  # a terminal: a bar with the key metrics instead of a printed dict per step
         trainer.remove_callback(ProgressCallback)

@@ -27,6 +27,9 @@ class DPOStageConfig(PreferenceStageConfig):
     # TRL's DPO losses (sweepable like beta): sigmoid (the paper's), ipo, hinge, robust, apo_zero, apo_down, ...
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0     # robust: assumed share of flipped labels, in [0, 0.5); exo_pair: > 0
+    # Each batch's sequences packed into one row, with restarting positions and attention kept inside each sequence
+    # (alignment/stages/padding_free.py): no padding is computed; per-sequence log-probs equal the padded path's.
+    padding_free: bool = False
 
     number_ranges: ClassVar[dict[str, Range]] = {
         "beta": Range(0, low_open=True, note=" It scales DPO's implicit reward; typical values are 0.01-0.5, e.g. "
@@ -53,6 +56,15 @@ def _trainer_class():
             self.reference_forward_batches = 0
             self.reference_caches: dict[str, str] = {}
             super().__init__(*args, **kwargs)
+            if run_config.stage.padding_free:  # on top of the fused LM head TRL has just installed
+                from peft import PeftModel
+
+                from alignment.stages.padding_free import add_padding_free_forward
+
+                policy = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+                add_padding_free_forward(policy)
+                if self.ref_model is not None:
+                    add_padding_free_forward(self.ref_model)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             from datasets.fingerprint import Hasher
@@ -105,6 +117,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks=(
         loss_type=[cfg.stage.loss_type],
         label_smoothing=cfg.stage.label_smoothing,
         precompute_ref_log_probs=choice.option == "precomputed",
+        packed_row=cfg.stage.padding_free,
     )
     model = trainer.model
     if choice.option == "base" and "ref" in getattr(model, "peft_config", {}):
