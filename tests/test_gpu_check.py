@@ -35,7 +35,7 @@ def test_gpu_check_toy_runs_and_reports(tmp_path):
         assert row["final_loss"] is not None
     # Padding-free rows compute no padding; length-aware batching computes less of it than random order does.
     assert rows["lora_padding_free"]["padding_efficiency"] == pytest.approx(1.0)
-    assert rows["lora_length"]["padding_efficiency"] >= rows["lora_random"]["padding_efficiency"] - 0.1
+    assert rows["lora_length"]["padding_efficiency"] >= rows["lora_random"]["padding_efficiency"] - 0.02
 
     for row in report["rows"]:
         assert row["status"] in ("ok", "failed", "skipped"), row
