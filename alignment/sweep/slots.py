@@ -53,12 +53,23 @@ class Slot:
         return env
 
     def describe(self) -> str:
+        """This slot's own resources: `GPUs 2,3`, `GPU 0, 4 threads`, `1 thread`."""
         parts = []
         if self.devices is not None:
-            parts.append(f"GPUs {','.join(self.devices)}")
+            parts.append(f"GPU{'s' if len(self.devices) > 1 else ''} {','.join(self.devices)}")
         if self.threads is not None:
-            parts.append(f"{self.threads} thread{'s' if self.threads > 1 else ''}")
+            parts.append(_count(self.threads, "thread"))
         return ", ".join(parts) or "default devices"
+
+    def size(self) -> str:
+        """What every slot has, for the sweep's first line: `2 GPUs`, `1 thread`."""
+        parts = ([_count(len(self.devices), "GPU")] if self.devices is not None else []) + (
+            [_count(self.threads, "thread")] if self.threads is not None else [])
+        return ", ".join(parts) or "default devices"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' if number != 1 else ''}"
 
 
 def visible_devices() -> list[str]:

@@ -83,14 +83,14 @@ class ParallelLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        command = set(self.config.hydra.overrides.task)
+        swept_keys = _swept_keys(list(self.config.hydra.overrides.task))
         jobs, planned = [], []
         for offset, overrides in enumerate(job_overrides):
             number = initial_job_idx + offset
             sweep_config = self._member_config(list(overrides), number)
             member_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
             own = [o for o in filter_overrides(overrides) if not o.startswith("hydra/")]
-            swept = redact_text(" ".join(o for o in own if o not in command))
+            swept = redact_text(" ".join(o for o in own if o.split("=", 1)[0].lstrip("+~") in swept_keys))
             label = f"sweep member {number}" + (f" ({swept})" if swept else "")
             needs = _needs(sweep_config, label)
             try:
@@ -107,7 +107,7 @@ class ParallelLauncher(Launcher):
                                    f"[member {number}{' ' + swept if swept else ''}]"))
         at_once = min(len(self.slots), len(planned))
         log.info("Launching %d jobs locally, %d at a time (%s each)", len(job_overrides), at_once,
-                 self.slots[0].describe())
+                 self.slots[0].size())
         for item in planned:
             log.info("\t#%d : %s", item.member.number, " ".join(item.member.overrides))
         outcome = run_in_slots(planned, self.slots, float(self.config.preemption.grace_s), settle)
@@ -139,6 +139,14 @@ class ParallelLauncher(Launcher):
                         status=JobStatus.COMPLETED)
         ret.return_value = value
         return ret
+
+
+def _swept_keys(command: list[str]) -> set:
+    """The keys the command sweeps (`beta=0.05,0.1`, `beta=interval(...)`): what tells a member apart in its name.
+    Read from the parsed command, since the sweeper writes a member's values its own way (1e-3 becomes 0.001)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group for o in OverridesParser.create().parse_overrides(command) if o.is_sweep_override()}
 
 
 def _needs(config: DictConfig, label: str):
