@@ -568,6 +568,7 @@ def test_run_dir_without_room_for_the_run_is_refused_with_both_numbers(tmp_path,
     from alignment.errors import ConfigError
 
     free = {"bytes": 10 * 10**9}
+    monkeypatch.setenv("ALIGNMENT_MEMORY_CAPACITY_GB", "10000")  # the 7B twin fits memory: this test is about disk
     monkeypatch.setattr(run_location.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free["bytes"], free["bytes"]))
     monkeypatch.chdir(tmp_path)

@@ -16,6 +16,10 @@ def test_dry_run_of_big_models_needs_no_download(tmp_path, model, params, planni
     assert params in result.stdout and "trl.DPOTrainer" in result.stdout
     assert "nothing was loaded or written" in result.stdout
     assert not (tmp_path / "outputs").exists()
+    # Both presets train with checkpointing (their sources do); every weight of them does not fit one 80 GB GPU,
+    # so the run would be refused by the memory gate, which the dry run says without refusing.
+    assert "checkpointing on (model.gradient_checkpointing=true)" in result.stdout
+    assert "memory gate  would refuse it: " in result.stdout and "(launcher.gpu_memory_gb=80)" in result.stdout
 
 
 def test_dry_run_of_the_demo_shows_both_stages(tmp_path):

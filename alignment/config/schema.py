@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import MISSING
 
@@ -95,7 +95,9 @@ class ModelConfig(_Frozen):
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dtype: str = "float32"
     attn_implementation: str = "sdpa"  # flash_attention_2 falls back to sdpa, then eager (modeling.py)
-    gradient_checkpointing: bool = False
+    # true | false | auto. auto: on only when the run does not fit its devices without it (the planner decides, once,
+    # at preflight: alignment/plan/checkpointing.py; the choice and why are in the resolved plan).
+    gradient_checkpointing: Union[bool, str] = "auto"
     # Reentrant checkpointing (seed 000 uses True); PEFT under DeepSpeed ZeRO-3 needs it.
     use_reentrant: bool = True
 
@@ -262,6 +264,9 @@ class LauncherConfig(_Frozen):
     main_process_ip: Optional[str] = None   # null: 127.0.0.1 on one machine, the first SLURM node on several
     main_process_port: Optional[int] = None  # null: a free port on one machine, 29500 on several
     gpu_memory_gb: float = 80.0             # memory per GPU the plan is checked against (H100/A100 80 GB)
+    # A real run compares its plan with the memory free where it runs, before any weight loads or rank starts
+    # (alignment/plan/gate.py): refuse (exit 2) when it does not fit, or warn and go on.
+    memory_gate: str = "refuse"             # refuse | warn
 
 
 @dataclass

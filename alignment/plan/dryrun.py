@@ -52,16 +52,23 @@ def _evaluation_lines(cfg: RunConfig) -> list[str]:
             + (f", judged by {settings.judge.name}" if settings.judge.name != "none" else "")]
 
 
-def _memory_lines(cfg: RunConfig, reference: str) -> str:
-    """The plan for the configured backend, and the same run on each multi-GPU backend for comparison."""
-    inputs = plan_inputs(cfg, reference)
+def _memory_lines(cfg: RunConfig, reference: str, plan: ResolvedPlan) -> str:
+    """The plan for the configured backend, the same run on each multi-GPU backend for comparison, and what the
+    memory gate would do with it."""
+    checkpointing = plan.gradient_checkpointing
+    inputs = plan_inputs(cfg, reference, checkpointing=checkpointing)
     lines = [plan_memory(inputs).format()]
     world = max(cfg.launcher.num_processes or 1, 2)
     others = []
     for backend in ("ddp", "fsdp", "zero3"):
-        other = plan_memory(plan_inputs(cfg, reference, backend=backend, world_size=world))
+        other = plan_memory(plan_inputs(cfg, reference, backend=backend, world_size=world, checkpointing=checkpointing))
         others.append(f"{backend} {other.total / 1e9:.1f} GB ({other.verdict})")
     lines.append(f"same run on {world} GPUs per device: " + ", ".join(others))
+    if plan.memory_gate is not None:
+        action = {"fits": "admits it", "unknown": "admits it (activations not modelled)"}.get(
+            plan.memory_gate.verdict, "would refuse it" if cfg.launcher.memory_gate == "refuse" else "would warn")
+        lines.append(f"memory gate  {action}: {plan.memory_gate.describe()}; the run measures the memory free where "
+                     f"it runs")
     return "\n".join(lines)
 
 
@@ -102,6 +109,8 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
             f"model        {cfg.model.name}: {params:,} parameters ({weight_gib:.2f} GiB of {cfg.model.dtype} weights)",
             f"starts from  {start}",
             f"peft         {cfg.peft.method}" + (" (training the parent's adapter further)" if adapter_kept else ""),
+            *([f"checkpointing {'on' if plan.gradient_checkpointing else 'off'} ({plan.gradient_checkpointing_reason})"]
+              if described.trains else []),
             *([f"reference    {reference.option}"
                + (f" (ref=auto: {reference.reason})" if reference.requested == "auto" else "")] if reference else []),
             *_dataset_lines(cfg),
@@ -112,7 +121,7 @@ def describe(links: list[RunConfig], launch: str | None = None) -> str:
             f"{cfg.backend.mixed_precision}" + (f": {plan.precision}" if cfg.backend.mixed_precision == "auto" else "")
             + ")",
             f"run dir      {cfg.run_dir or 'a fresh directory under outputs/'}",
-            _memory_lines(cfg, reference.option if reference else "base") if described.trains else
+            _memory_lines(cfg, reference.option if reference else "base", plan) if described.trains else
             f"memory       one model loaded at a time ({weight_gib:.2f} GiB of weights; adapters share their base)",
             "resolved configuration:",
             yaml.safe_dump(masked_config(cfg), sort_keys=False).rstrip(),

@@ -311,15 +311,22 @@ def plan_memory(i: PlanInputs) -> MemoryPlan:
 
 
 def plan_inputs(cfg: RunConfig, reference: str, dtype: Optional[str] = None, backend: Optional[str] = None,
-                world_size: Optional[int] = None) -> PlanInputs:
-    """The planner's inputs for a composed run; dtype/backend/world_size override the config's (for what-ifs
-    and for CPU runs, which train in float32)."""
+                world_size: Optional[int] = None, checkpointing: Optional[bool] = None) -> PlanInputs:
+    """The planner's inputs for a composed run; dtype/backend/world_size/checkpointing override the config's (for
+    what-ifs, for CPU runs, which train in float32: run_dtype, and for the checkpointing choice being made).
 
+    Checkpointing: model.gradient_checkpointing when it is true or false; for `auto`, the caller passes the choice the
+    resolved plan made (plan_of(cfg).gradient_checkpointing, alignment/plan/checkpointing.py): the one source of it."""
 
     peft, described = cfg.peft, stage_of(cfg)
     targets = peft.target_modules
     if isinstance(targets, str):  # all-linear: every projection but the output head
         targets = tuple(t for t in linear_module_names(cfg.model) if t != "lm_head")
+    if checkpointing is None:
+        checkpointing = cfg.model.gradient_checkpointing
+        if not isinstance(checkpointing, bool):  # the plan is made with this planner: its caller passes the choice
+            raise ValueError(f"model.gradient_checkpointing={checkpointing}: pass the resolved choice, "
+                             f"plan_inputs(..., checkpointing=plan_of(cfg).gradient_checkpointing)")
     return PlanInputs(
         arch=cfg.model.architecture, groups=parameter_groups(meta_model(cfg.model)), stage=cfg.stage.name,
         sequences_per_example=described.sequences_per_example,
@@ -328,7 +335,17 @@ def plan_inputs(cfg: RunConfig, reference: str, dtype: Optional[str] = None, bac
         reference=reference if described.reference else "base", optimizer=cfg.stage.optim,
         backend=backend or cfg.backend.name, world_size=world_size or cfg.launcher.num_processes,
         micro_batch=cfg.stage.per_device_train_batch_size, seq_len=cfg.stage.max_length,
-        checkpointing=cfg.model.gradient_checkpointing, gpu_memory_gb=cfg.launcher.gpu_memory_gb)
+        checkpointing=checkpointing, gpu_memory_gb=cfg.launcher.gpu_memory_gb)
+
+
+def run_dtype(cfg: RunConfig, cuda: bool) -> str:
+    """The dtype the run's unquantized weights and activations take (alignment/models/modeling.py load_model):
+    QLoRA's compute dtype; on CPU float32 in place of a 16-bit dtype; else model.dtype."""
+    if cfg.peft.method == "qlora":
+        return cfg.peft.compute_dtype
+    if not cuda and cfg.model.dtype in ("bfloat16", "float16"):
+        return "float32"
+    return cfg.model.dtype
 
 
 def what_if(inputs: PlanInputs, **changes) -> MemoryPlan:

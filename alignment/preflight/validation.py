@@ -21,6 +21,8 @@ from alignment.models.modeling import check_model_source, check_target_modules, 
 from alignment.runtime.optional import require_importable
 from alignment.runtime.ranks import launched_run_dir
 from alignment.plan.resolved import resolve_plan
+from alignment.plan.checkpointing import check_setting as check_checkpointing_setting
+from alignment.plan.gate import GATE_SETTINGS, enforce as enforce_memory_gate
 from alignment.records.rundir import RunDir, check_run_dir, has_model
 from alignment.preflight.secret_settings import check_secret_settings, read_secret_env
 from alignment.secrets import is_local_url
@@ -40,8 +42,10 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     """Raise ConfigError on the first problem. Filesystem checks are cheap; nothing is loaded.
 
     A dry run is checked exactly as the run it describes (tests/test_bad_input.py runs the whole table both ways):
-    a plan that the run would then refuse is worth nothing. The one exception is the free space of the run dir's
-    filesystem, a fact of the machine the run will use rather than of its configuration (check_run_location).
+    a plan that the run would then refuse is worth nothing. The exceptions are facts of the machine the run will use
+    rather than of its configuration: the free space of the run dir's filesystem (check_run_location) and the memory
+    free on its devices (the memory gate, alignment/plan/gate.py: a dry run shows its verdict against
+    launcher.gpu_memory_gb instead).
 
     previous: the chain link before this one, whose run dir (this link's parent) does not exist yet.
     """
@@ -61,6 +65,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
 
     _check_model_type(cfg)
     one_of("model.dtype", cfg.model.dtype, _DTYPES)
+    check_checkpointing_setting(cfg.model.gradient_checkpointing)  # true | false | auto
     one_of("backend.name", cfg.backend.name, _BACKENDS)
     one_of("backend.device", cfg.backend.device, _DEVICES)
     one_of("backend.mixed_precision", cfg.backend.mixed_precision, _PRECISIONS)
@@ -83,14 +88,19 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     if described.reference and cfg.ref.name == "separate":
         check_model_source(cfg.model, is_offline(cfg), path=cfg.ref.path, key="ref.path")
     check_sources(cfg.dataset, is_offline(cfg))
+    # The decisions (batch split, reference, precision, checkpointing, ...), made once here and reused downstream: a
+    # choice that cannot be made (a global batch that does not split, a reference option that cannot apply) is refused.
+    plan = resolve_plan(cfg, previous)
+    # The memory gate, before the run dir's free-space check: a run too large for its devices would otherwise be told
+    # to find room for weights that the run that fits (LoRA, QLoRA) never writes. A launched rank's devices were
+    # measured by its launching process; a dry run or data report only shows the verdict.
+    if launched_run_dir() is None and not (cfg.dry_run or cfg.data_report):
+        enforce_memory_gate(cfg, plan.memory_gate)
     # A launched rank's dir was checked by its parent, a secondary machine's by machine 0.
     if launched_run_dir() is None and not is_secondary_machine(cfg):
         check_run_location(cfg)  # a file, an unwritable or read-only place, too little space: refused unwritten
         if cfg.run_dir is not None:
             check_run_dir(Path(cfg.run_dir), cfg.resume)
-    # The decisions (batch split, reference, precision, ...), made once here and reused downstream: a choice
-    # that cannot be made (a global batch that does not split, a reference option that cannot apply) is refused.
-    resolve_plan(cfg, previous)
 
 
 def _check_dataset(cfg: RunConfig) -> None:
@@ -256,6 +266,7 @@ def _check_launcher(cfg: RunConfig) -> None:
     launcher = cfg.launcher
     require(launcher.num_machines >= 1, f"launcher.num_machines must be >= 1 (got {launcher.num_machines}).")
     require(launcher.gpu_memory_gb > 0, f"launcher.gpu_memory_gb must be > 0 (got {launcher.gpu_memory_gb}).")
+    one_of("launcher.memory_gate", launcher.memory_gate, GATE_SETTINGS)
     require(launcher.machine_rank is None or launcher.machine_rank < launcher.num_machines,
              f"launcher.machine_rank={launcher.machine_rank} must be below launcher.num_machines="
              f"{launcher.num_machines} (machines are numbered from 0).")
