@@ -12,7 +12,7 @@ import pytest
 from .conftest import REPO
 
 
-@pytest.mark.slow  # five short DPO runs, each its own process: about 2 minutes on 2 cores
+@pytest.mark.slow  # five 2-step DPO runs, each its own process: 2-3 minutes on 2 shared cores
 def test_gpu_check_toy_runs_and_reports(tmp_path):
     out = tmp_path / "report"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--toy", "--out", str(out),
@@ -33,9 +33,11 @@ def test_gpu_check_toy_runs_and_reports(tmp_path):
         assert 0 < row["padding_efficiency"] <= 1
         assert row["mfu"] is None and row["peak_allocated_bytes"] is None  # CPU: n/a
         assert row["final_loss"] is not None
-    # Padding-free rows compute no padding; length-aware batching computes less of it than random order does.
+    # Padding-free rows compute no padding. Every single-process run trains the same rows for one epoch, so only
+    # the batching differs (at toy size transformers' length grouping has no mega-batch to sort: no gain asserted).
     assert rows["lora_padding_free"]["padding_efficiency"] == pytest.approx(1.0)
-    assert rows["lora_length"]["padding_efficiency"] >= rows["lora_random"]["padding_efficiency"] - 0.02
+    assert rows["lora_length"]["real_tokens"] == rows["lora_random"]["real_tokens"] == \
+        rows["lora_padding_free"]["real_tokens"]
 
     for row in report["rows"]:
         assert row["status"] in ("ok", "failed", "skipped"), row
