@@ -26,6 +26,7 @@ from .conftest import SHORT_DPO, run_cli, train
 
 # What the design doc's command plans: Qwen2.5-72B, every weight trained, FSDP.
 QWEN72B_FULL = ["stage=dpo", "model=qwen72b", "backend=fsdp"]
+TWO_PROCESSES = ["backend=ddp", "launcher.num_processes=2", "stage.global_batch_size=16"]
 UNLIMITED = {"bytes_per_device": 10**15, "source": "test", "measured": True, "cuda": False}
 
 
@@ -61,13 +62,36 @@ def test_the_cli_refuses_an_over_capacity_run_before_any_weight_loads(tmp_path):
     assert not [p for p in cache.rglob("*") if p.is_file()], "no twin built, no data prepared"
 
 
+def test_a_refused_multi_process_run_starts_no_rank(tmp_path):
+    """Refused in the launching process: no run dir, so no launch/command.sh, plan.json or rank was written or started;
+    on CPU the host's RAM is shared by both processes."""
+    result = run_cli(*SHORT_DPO, *TWO_PROCESSES, f"run_dir={tmp_path / 'run'}", cwd=tmp_path, env={CAPACITY_ENV: "0.1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"50.0 MB per process is free ({CAPACITY_ENV}=0.1, shared by 2 processes)" in result.stderr
+    assert "accelerate" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # two ranks train the tiny twin for 3 steps
+def test_launched_ranks_use_the_launching_process_measurement(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(*SHORT_DPO, *TWO_PROCESSES, "model.gradient_checkpointing=auto", f"run_dir={run_dir}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = json.loads((run_dir / "plan.json").read_text())
+    plan = json.loads((run_dir / "summary.json").read_text())["plan"]
+    assert plan == recorded  # rank 0 recorded the launcher's plan, not a measurement of its own
+    assert plan["memory_gate"]["capacity_source"] == "host RAM available, measured, shared by 2 processes"
+    assert plan["gradient_checkpointing"] is False and plan["gradient_checkpointing_reason"].startswith("auto: off")
+
+
 @pytest.mark.slow  # trains the tiny twin for 3 steps
 def test_with_the_warning_setting_an_over_capacity_run_proceeds_and_finishes(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(*SHORT_DPO, "launcher.memory_gate=warn", f"run_dir={run_dir}", cwd=tmp_path,
                      env={CAPACITY_ENV: "0.01"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "does not fit the memory free here" in result.stderr and "launcher.memory_gate=warn: going on" in result.stderr
+    assert "does not fit the memory free here" in result.stderr
+    assert "launcher.memory_gate=warn: going on" in result.stderr
     assert result.stderr.count("does not fit the memory free here") == 1  # preflight and the runner: one warning
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished"
@@ -135,7 +159,8 @@ def test_auto_checkpointing_is_on_only_when_the_run_does_not_fit_without_it_and_
     validate(on)
     validate(off)
     chosen_on, chosen_off = plan_of(on), plan_of(off)
-    assert chosen_on.gradient_checkpointing and chosen_on.gradient_checkpointing_reason.startswith("auto: on; without it")
+    assert chosen_on.gradient_checkpointing
+    assert chosen_on.gradient_checkpointing_reason.startswith("auto: on; without it")
     assert chosen_on.memory_gate.verdict == "fits" and chosen_on.memory_gate.checkpointing
     assert not chosen_off.gradient_checkpointing and "fits without it" in chosen_off.gradient_checkpointing_reason
     text_on, text_off = describe([on]), describe([off])

@@ -24,6 +24,7 @@ from alignment.errors import ConfigError
 from alignment.models.modeling import uses_cuda
 from alignment.plan.memory import GB
 from alignment.plan.processes import resolve_launcher
+from alignment.runtime.ranks import launched_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,12 @@ class Capacity:
 
 def capacity_for(cfg: RunConfig) -> Capacity:
     """A dry run's or data report's: configured; a run's: measured here (with launcher.memory_gate=warn, a
-    measurement that fails falls back to the configured one)."""
-    if cfg.dry_run or cfg.data_report:
+    measurement that fails falls back to the configured one).
+
+    A launched rank never measures: its devices are shared with the other ranks by then, and its launching process
+    measured them before starting it (the rank reads that plan, alignment/plan/resolved.py); a rank without it (a
+    chain link composed before its run dir is known) plans against launcher.gpu_memory_gb."""
+    if cfg.dry_run or cfg.data_report or launched_run_dir() is not None:
         return configured_capacity(cfg)
     cfg = resolve_launcher(cfg)
     cuda = uses_cuda(cfg)
@@ -78,7 +83,8 @@ def measured_capacity(cfg: RunConfig, cuda: bool) -> Capacity:
                               f"free memory) or give e.g. {CAPACITY_ENV}=24.") from None
         where = f"{CAPACITY_ENV}={override}"
     elif cuda:
-        free, where = min(_cuda_free_bytes(processes)), f"the least free of {processes} CUDA device(s), measured"
+        free = min(_cuda_free_bytes(processes))
+        where = ("free on cuda:0" if processes == 1 else f"the least free of cuda:0..{processes - 1}") + ", measured"
     else:
         free, where = float(_host_available_bytes()), "host RAM available, measured"
     if cuda:

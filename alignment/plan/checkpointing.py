@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from alignment.config.schema import RunConfig
 from alignment.errors import ConfigError
 from alignment.plan.capacity import Capacity
-from alignment.plan.gate import admits, run_plan
-from alignment.plan.memory import GB
+from alignment.plan.gate import MEMORY_MARGIN, admits, run_plan, size
 
 SETTINGS = (True, False, "auto")
 
@@ -37,17 +36,16 @@ def choose_checkpointing(cfg: RunConfig, reference: str, capacity: Capacity) -> 
     if isinstance(setting, bool):
         return CheckpointingChoice(setting, f"model.gradient_checkpointing={str(setting).lower()}")
     without = run_plan(cfg, reference, False, capacity)
-    against = f"{capacity.bytes_per_device / GB:.2f} GB per device ({capacity.source})"
-    planned = f"{without.total / GB:.2f} GB"
+    against = f"{size(capacity.bytes_per_device)} per device ({capacity.source})"
+    planned = f"{size(without.total)} (+{MEMORY_MARGIN:.0%} margin)"
     fits = admits(without)
     if fits is None:  # the planner does not model this layout's activations, which checkpointing is about
         return CheckpointingChoice(False, f"auto: off; the planner does not model {cfg.model.architecture.model_type} "
                                           f"activations, so cannot tell whether it is needed (set true to recompute "
                                           f"them)")
     if fits:
-        return CheckpointingChoice(False, f"auto: off; the run fits without it ({planned} planned, with the margin, "
-                                          f"within {against})")
+        return CheckpointingChoice(False, f"auto: off; the run fits without it: {planned} planned within {against}")
     with_it = run_plan(cfg, reference, True, capacity)
     still = "" if admits(with_it) else "; still too large, see the memory gate"
-    return CheckpointingChoice(True, f"auto: on; without it {planned} does not fit {against}, with it "
-                                     f"{with_it.total / GB:.2f} GB{still}")
+    return CheckpointingChoice(True, f"auto: on; without it {planned} does not fit {against}; with it "
+                                     f"{size(with_it.total)}{still}")

@@ -56,9 +56,14 @@ class MemoryCheck:
         return self.planned_bytes_per_device * (1 + self.margin)
 
     def describe(self) -> str:
-        return (f"{self.planned_bytes_per_device / GB:.2f} GB planned per device (+{self.margin:.0%} margin: "
-                f"{self.needed_bytes / GB:.2f} GB) against {self.capacity_bytes_per_device / GB:.2f} GB "
+        return (f"{size(self.planned_bytes_per_device)} planned per device (+{self.margin:.0%} margin: "
+                f"{size(self.needed_bytes)}) against {size(self.capacity_bytes_per_device)} "
                 f"({self.capacity_source}): {self.verdict}")
+
+
+def size(n: float) -> str:
+    """Bytes as GB, or MB below 1 GB (a twin's plan is a few MB)."""
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
 
 
 def run_plan(cfg: RunConfig, reference: str, checkpointing: bool, capacity: Capacity) -> MemoryPlan:
@@ -103,12 +108,12 @@ def refusal(cfg: RunConfig, check: MemoryCheck) -> str:
     capacity = Capacity(check.capacity_bytes_per_device, check.capacity_source, check.measured, check.cuda)
     memory = run_plan(cfg, check.reference, check.checkpointing, capacity)
     terms = sorted(memory.terms, key=memory.terms.get, reverse=True)[:3]
-    largest = ", ".join(f"{name} {memory.terms[name] / GB:.1f} GB" for name in terms)
+    largest = ", ".join(f"{name} {size(memory.terms[name])}" for name in terms)
     where = "per GPU" if check.cuda else "per process"
     tips = [*memory.advice(), *_recipes_that_fit(cfg, memory)]
     return (f"stage={cfg.stage.name} model={cfg.model.name} does not fit the memory free here: it plans "
-            f"{check.planned_bytes_per_device / GB:.1f} GB {where} (+{check.margin:.0%} margin: "
-            f"{check.needed_bytes / GB:.1f} GB), and {check.capacity_bytes_per_device / GB:.1f} GB {where} is free "
+            f"{size(check.planned_bytes_per_device)} {where} (+{check.margin:.0%} margin: "
+            f"{size(check.needed_bytes)}), and {size(check.capacity_bytes_per_device)} {where} is free "
             f"({check.capacity_source}). Largest terms: {largest}. To fit: {'; '.join(tips) or 'more memory'}. "
             f"(`dry_run=true` shows the whole plan; launcher.memory_gate=warn runs anyway.)")
 
