@@ -119,6 +119,7 @@ class Row:
     command: Optional[str] = None
     attention: Optional[str] = None     # the implementation the run used (summary.json), after any fallback
     reference: Optional[str] = None
+    checkpointing: Optional[bool] = None  # model.gradient_checkpointing as the run resolved it
     wall_seconds: Optional[float] = None
     train_seconds: Optional[float] = None
     steps: Optional[int] = None
@@ -272,13 +273,15 @@ def overrides_for(config: Config, settings: dict, toy: bool, dataset: str, avail
 NEW_SETTINGS = ("stage.batching=", "stage.padding_free=", "stage.use_liger_kernel=")
 
 
-def planned_bytes(overrides: list[str], reference: Optional[str], toy: bool) -> tuple[Optional[float], Optional[dict], str]:
-    """The planner's per-device bytes for the run these overrides compose: (total, inputs for the FLOP count, note).
+def planned_bytes(overrides: list[str], reference: Optional[str], checkpointing: Optional[bool],
+                  cuda: bool) -> tuple[Optional[float], Optional[dict], str]:
+    """The planner's per-device bytes for the run these overrides compose: (total, facts for the FLOP count, note).
 
-    A setting this checkout does not know yet is left out of the composition (and named in the note): the
-    planner does not read it."""
+    As the run plans itself (alignment/plan/gate.py run_plan): its reference option and resolved checkpointing (from
+    its summary when given), in the dtype it trains in. A setting this checkout does not know yet is left out of the
+    composition (and named in the note): the planner does not read it."""
     from alignment.errors import ConfigError
-    from alignment.plan.memory import lora_parameter_count, plan_inputs, plan_memory
+    from alignment.plan import memory
     from alignment.plan.resolved import plan_of
     from alignment.preflight.compose import compose_run_config
 
@@ -292,16 +295,26 @@ def planned_bytes(overrides: list[str], reference: Optional[str], toy: bool) -> 
             note = (f"planned without {', '.join(o for o in overrides if o not in kept)} ({str(err)[:160]})")
         except ConfigError as err2:
             return None, None, f"could not compose for the planner: {err2}"
-    reference = reference or plan_of(cfg).reference.option
-    inputs = plan_inputs(cfg, reference, dtype="float32" if toy else None)
-    plan = plan_memory(inputs)
+    resolved = plan_of(cfg)
+    reference = reference or resolved.reference.option
+    if checkpointing is None:
+        checkpointing = getattr(resolved, "gradient_checkpointing", cfg.model.gradient_checkpointing)
+    if hasattr(memory, "run_dtype"):
+        dtype = memory.run_dtype(cfg, cuda)
+    else:
+        dtype = None if cuda else "float32"
+    try:
+        inputs = memory.plan_inputs(cfg, reference, dtype=dtype, checkpointing=bool(checkpointing))
+    except TypeError:  # a planner from before model.gradient_checkpointing=auto
+        inputs = memory.plan_inputs(cfg, reference, dtype=dtype)
+    plan = memory.plan_memory(inputs)
     arch, groups = inputs.arch, inputs.groups
     facts = {"linear": groups.linear, "head": arch.vocab_size * arch.hidden_size,
-             "adapters": lora_parameter_count(groups, arch.num_hidden_layers, inputs.lora_r, inputs.lora_targets)
-             if inputs.peft != "none" else 0,
+             "adapters": memory.lora_parameter_count(groups, arch.num_hidden_layers, inputs.lora_r,
+                                                     inputs.lora_targets) if inputs.peft != "none" else 0,
              "layers": arch.num_hidden_layers,
              "attention_width": arch.num_attention_heads * (arch.head_dim or arch.hidden_size // arch.num_attention_heads),
-             "peft": inputs.peft, "reference": reference, "checkpointing": inputs.checkpointing}
+             "peft": inputs.peft, "reference": reference, "checkpointing": bool(inputs.checkpointing)}
     return plan.total, facts, note
 
 
@@ -435,9 +448,13 @@ def measure(row: Row, summary: dict, settings: dict, processes: int) -> None:
         row.peak_allocated_bytes = int(summary["_wrapper_peak"]["allocated"])
         row.peak_reserved_bytes = int(summary["_wrapper_peak"]["reserved"])
         row.sources["peak_allocated_bytes"] = "torch.cuda.max_memory_allocated at process exit"
-    gate = summary.get("memory_gate")
-    if isinstance(gate, dict) and gate.get("planned_bytes_per_device"):
-        row.planned_bytes, row.sources["planned_bytes"] = float(gate["planned_bytes_per_device"]), "summary.memory_gate"
+    plan = summary.get("plan") if isinstance(summary.get("plan"), dict) else {}
+    for gate, where in ((summary.get("memory_gate"), "summary.memory_gate"),
+                        (plan.get("memory_gate"), "summary.plan.memory_gate")):
+        if isinstance(gate, dict) and gate.get("planned_bytes_per_device") and row.planned_bytes is None:
+            row.planned_bytes, row.sources["planned_bytes"] = float(gate["planned_bytes_per_device"]), where
+    if isinstance(plan.get("gradient_checkpointing"), bool):
+        row.checkpointing = plan["gradient_checkpointing"]
     if row.losses:
         row.final_loss = row.losses[-1]
     elif (summary.get("final_metrics") or {}).get("loss") is not None:
@@ -660,15 +677,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             measure(measured, summary, settings, config.processes)
             if measured.status == "ok" and config.attention != "sdpa" and measured.attention != config.attention:
                 measured.notes.append(f"asked for {config.attention}, ran {measured.attention}")
-            if measured.planned_bytes is None:
-                try:
-                    total, facts, note = planned_bytes(overrides, measured.reference, args.toy)
-                except Exception as err:  # the planner is reported, never fatal to the check
-                    total, facts, note = None, None, f"planner failed: {type(err).__name__}: {err}"
+            try:  # the planner's total (when the summary has none) and the facts the FLOP count needs
+                total, facts, note = planned_bytes(overrides, measured.reference, measured.checkpointing, cuda)
+            except Exception as err:  # the planner is reported, never fatal to the check
+                total, facts, note = None, None, f"planner failed: {type(err).__name__}: {err}"
+            if measured.planned_bytes is None and total is not None:
                 measured.planned_bytes = total
-                measured.sources.setdefault("planned_bytes", "plan_memory(plan_inputs(cfg, reference))")
-            else:
-                _, facts, note = planned_bytes(overrides, measured.reference, args.toy)
+                measured.sources["planned_bytes"] = "plan_memory(plan_inputs(cfg, reference, run dtype))"
+            elif measured.planned_bytes and total and abs(total / measured.planned_bytes - 1) > 0.01:
+                measured.notes.append(f"this script's plan {total / 1e9:.2f} GB differs from the run's")
             if note:
                 measured.notes.append(note)
             finish_row(measured, facts, settings, config.processes, peak)
