@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -605,7 +606,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="whole-run wall budget; configurations that do not fit are skipped (reason: budget)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration")
     parser.add_argument("--work", type=Path, default=None,
-                        help="where run dirs and the alignment cache go (default: a new temporary directory)")
+                        help="where run dirs and the alignment cache go, kept afterwards (default: a temporary "
+                             "directory, removed at the end; the runs' consoles stay in OUT/logs)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -703,6 +705,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                               f"n/a ({parity['reason']})"))
     print(f"\nwritten: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'} "
           f"({report['elapsed_seconds']:.0f} s)")
+    if args.work is None:  # twins, prepared data and saved models: gigabytes on a GPU run
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
