@@ -144,7 +144,11 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         phase_boundary(f"{cfg.stage.name}:trained")
         if stop.requested:  # stopped at a step boundary; the trainer saved a checkpoint there
             raise Interrupted(stop.signal_name, stopper.stopped_at, newest_complete_checkpoint(run))
-        update_summary(run, distributed=engine_report(trainer, cfg), timing=metrics_writer.timing)
+        update_summary(run, distributed=engine_report(trainer, cfg), timing=metrics_writer.timing,
+                       cuda_memory=_cuda_memory(cfg),
+                       **trainer.token_tally.summary(trainer.accelerator, trainer.batching_strategy,
+                                                     bool(getattr(cfg.stage, "padding_free", False)),
+                                                     metrics_writer.train_summary.get("train_runtime")))
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
         save_model(trainer, run.model)
         phase_boundary(f"{cfg.stage.name}:saved")
@@ -191,6 +195,16 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
         write_model_card(cfg, run, summary)
     finish_tracker(tracker, failed=False)
     return StageOutcome(run=run, summary=summary, trainer=trainer)
+
+
+def _cuda_memory(cfg: RunConfig) -> dict[str, int] | None:
+    """This process's CUDA allocator peaks over the stage (what the memory planner predicts), None off CUDA."""
+    if not uses_cuda(cfg):
+        return None
+    import torch
+
+    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
 
 
 def _one_line_error(err: BaseException) -> str:

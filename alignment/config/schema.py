@@ -136,6 +136,13 @@ class TrainingStageConfig(StageConfig):
     eval_steps: Optional[int] = None
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
+    # Which examples share a micro batch (alignment/stages/batching.py). auto: length-aware wherever the data is
+    # padded (each batch drawn from examples of similar padded length: far less padding computed, but a batch is no
+    # longer an i.i.d. draw within its mega-batch of 50 batches), none needed for packed SFT rows. length: always
+    # length-aware. random: uniform batches, exactly TRL's default order (per-step parity with a plain-TRL script).
+    batching: str = "auto"
+    # transformers' Liger kernels (RMSNorm, RoPE, SwiGLU in Triton; needs the liger-kernel package and a GPU).
+    use_liger_kernel: bool = False
 
 
 @dataclass

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from alignment.launch.backends import check_engine_installed, check_wrap_class
 from alignment.config.schema import RunConfig
+from alignment.preflight.batching import check_batching
 from alignment.errors import one_of, require
 from alignment.preflight.library_choices import check_training_choices
 from alignment.preflight.ranges import check_numbers
@@ -66,6 +67,7 @@ def validate(cfg: RunConfig, previous: RunConfig | None = None) -> None:
     _check_model_type(cfg)
     one_of("model.dtype", cfg.model.dtype, _DTYPES)
     check_checkpointing_setting(cfg.model.gradient_checkpointing)  # true | false | auto
+    check_batching(cfg)  # stage.batching, stage.padding_free, stage.use_liger_kernel (preflight/batching.py)
     one_of("backend.name", cfg.backend.name, _BACKENDS)
     one_of("backend.device", cfg.backend.device, _DEVICES)
     one_of("backend.mixed_precision", cfg.backend.mixed_precision, _PRECISIONS)
