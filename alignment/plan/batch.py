@@ -56,3 +56,14 @@ def _not_divisible(target: int, micro: int, processes: int) -> str:
             f"{micro} (stage.per_device_train_batch_size) on {processes} process{'es' if processes > 1 else ''}: "
             f"{target} is not a multiple of {micro} × {processes} = {per_step}. Nearest valid settings: "
             f"{', '.join(fixes)}.")
+
+
+def batching_strategy(stage) -> str:
+    """length | random | packed: the order a run's training examples are drawn in (stage.batching resolved)."""
+    packed = bool(getattr(stage, "packing", False))
+    if stage.batching == "length" and packed:
+        raise ConfigError("stage.batching=length has no effect with stage.packing=true: packed rows all hold "
+                          "max_length tokens. Drop stage.batching (auto) or set stage.packing=false.")
+    if stage.batching == "auto":
+        return "packed" if packed else "length"
+    return stage.batching

@@ -80,7 +80,7 @@ def _training_line(cfg: RunConfig, plan: ResolvedPlan) -> str:
     if "max_prompt_length" in own:
         own["max_prompt_length"] = prompt_budget(cfg)
     return (f"training     {steps}, lr={cfg.learning_rate:g}, {plan.batch.describe()}, "
-            f"max_length={stage.max_length}" + "".join(f", {key}={value:g}" if isinstance(value, float) else
+            f"max_length={stage.max_length}, batching={plan.batching}" + "".join(f", {key}={value:g}" if isinstance(value, float) else
                                                       f", {key}={value}" for key, value in own.items()))
 
 

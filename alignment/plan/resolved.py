@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from alignment.plan.batch import BatchPlan, batch_plan
+from alignment.plan.batch import BatchPlan, batch_plan, batching_strategy
 from alignment.plan.capacity import capacity_for
 from alignment.plan.checkpointing import CheckpointingChoice, choose_checkpointing
 from alignment.plan.gate import MemoryCheck, memory_check, run_plan
@@ -41,6 +41,8 @@ class ResolvedPlan:
     precision: str              # bf16 | fp16 | no (backend.mixed_precision=auto resolved for this machine)
     attention: str              # the implementation asked for (a fallback at load time is recorded by the runner)
     adapter_kept: bool          # the policy starts from the parent's LoRA adapter (trained further)
+    # stage.batching resolved (alignment/stages/batching.py): length | random | packed; None: the stage trains nothing.
+    batching: Optional[str] = None
     # model.gradient_checkpointing resolved (auto: on only when the run does not fit without it), and why.
     gradient_checkpointing: bool = False
     gradient_checkpointing_reason: str = ""
@@ -71,7 +73,7 @@ def resolve_plan(cfg: RunConfig, previous: RunConfig | None = None) -> ResolvedP
         batch=batch_plan(cfg, launcher.num_processes) if stage.trains else None, reference=reference,
         precision=mixed_precision(cfg), attention=cfg.model.attn_implementation, adapter_kept=adapter_kept,
         gradient_checkpointing=checkpointing.enabled, gradient_checkpointing_reason=checkpointing.reason,
-        memory_gate=memory)
+        memory_gate=memory, batching=batching_strategy(cfg.stage) if stage.trains else None)
     _PLANS[_key(cfg)] = plan
     return plan
 

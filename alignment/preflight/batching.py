@@ -10,23 +10,13 @@ import importlib.util
 
 from alignment.config.schema import RunConfig
 from alignment.errors import ConfigError, one_of
+from alignment.plan.batch import batching_strategy
 from alignment.models.modeling import uses_cuda
 
 BATCHING_CHOICES = ("auto", "length", "random")
 # The attention implementations a packed row can use: flash-attention 2 as it is, sdpa and eager through the
 # per-sequence sdpa that alignment/stages/padding_free.py registers.
 PACKING_ATTENTION = ("flash_attention_2", "sdpa", "eager")
-
-
-def batching_strategy(stage) -> str:
-    """length | random | packed: the order a run's training examples are drawn in (stage.batching resolved)."""
-    packed = bool(getattr(stage, "packing", False))
-    if stage.batching == "length" and packed:
-        raise ConfigError("stage.batching=length has no effect with stage.packing=true: packed rows all hold "
-                          "max_length tokens. Drop stage.batching (auto) or set stage.packing=false.")
-    if stage.batching == "auto":
-        return "packed" if packed else "length"
-    return stage.batching
 
 
 def check_batching(cfg: RunConfig) -> None:

@@ -10,7 +10,6 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from alignment.launch.backends import arm_engine
 from alignment.records.cache import adding_derived_files
-from alignment.preflight.batching import batching_strategy
 from alignment.stages.batching import TokenTally, length_sampler, padded_lengths
 from alignment.config.schema import RunConfig
 from alignment.data import PreparedData, prepare
@@ -143,7 +142,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
     model = load_policy(start, cfg)
     args = config_class(**trainer_arguments(cfg, run, data.eval is not None), **stage_arguments)
     arm_engine(cfg)
-    trainer = _our_trainer_class(trainer_class, data.location, batching_strategy(cfg.stage), packed_row)(
+    trainer = _our_trainer_class(trainer_class, data.location, plan_of(cfg).batching, packed_row)(
         model=model,
         args=args,
         train_dataset=train_rows,
