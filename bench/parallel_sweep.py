@@ -1,12 +1,15 @@
 """Parallel sweep members: a 4-member beta sweep run one after another (the basic launcher) versus two at a time
 (hydra/launcher=parallel, one thread each), next to one single run of the same job.
 
-    python bench/parallel_sweep.py [--steps 30] [--betas 0.05,0.1,0.2,0.5] [--at-once 2] [--threads 1]
+    python bench/parallel_sweep.py [--steps 200] [--betas 0.05,0.1,0.2,0.5] [--at-once 2] [--threads 1]
 
-DPO with ref=precomputed on a tiny Qwen2 twin widened until training dominates a member's time (hidden 256,
-4 layers). Each of the three commands starts from an empty ALIGNMENT_CACHE, so each pays the twin's build, the data
-preparation and the reference precompute once; the table counts the reference passes of each sweep (members whose
-summary.json says they ran the reference forward, and the processes that logged a reference build in builds.jsonl).
+DPO with ref=precomputed on a tiny Qwen2 twin widened (hidden 256, 4 layers) and trained long enough that training,
+not a process's start-up, is most of a member's time: at 30 steps a member trains for about 2.5 s and its own
+process start (imports, composition, model load) costs several times that, which the basic launcher pays once for
+the whole sweep and the parallel launcher once per member. Each of the three commands starts from an empty
+ALIGNMENT_CACHE, so each pays the twin's build, the data preparation and the reference precompute once; the table
+counts the reference passes of each sweep (members whose summary.json says they ran the reference forward, and the
+processes that logged a reference build in builds.jsonl).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def reference_passes(sweep_root: Path, cache: Path) -> tuple[int, int, list[list
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--betas", default="0.05,0.1,0.2,0.5")
     parser.add_argument("--at-once", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)

@@ -99,7 +99,8 @@ class ParallelLauncher(Launcher):
                 _refuse(err)
             jobs.append((number, list(overrides), sweep_config, member_dir))
             if member_state(member_dir) == "finished":  # as run_member: a rerun skips what is done
-                log.info("sweep member %d (%s) already finished in %s: skipped", number, " ".join(own), member_dir)
+                log.info("sweep member %d (%s) already finished in %s: skipped", number, redact_text(" ".join(own)),
+                         member_dir)
                 continue
             member = Member(member_dir.resolve(), number, own)
             planned.append(Planned(member, member_command([*overrides, *member_port_override(needs, number,
@@ -109,7 +110,7 @@ class ParallelLauncher(Launcher):
         log.info("Launching %d jobs locally, %d at a time (%s each)", len(job_overrides), at_once,
                  self.slots[0].size())
         for item in planned:
-            log.info("\t#%d : %s", item.member.number, " ".join(item.member.overrides))
+            log.info("\t#%d : %s", item.member.number, redact_text(" ".join(item.member.overrides)))
         outcome = run_in_slots(planned, self.slots, float(self.config.preemption.grace_s), settle)
         if outcome.interrupted:  # as the basic launcher: a signal stops the sweep; the same command resumes it
             print(f"alignment: interrupted: {outcome.interrupted}; the running members stopped with a checkpoint. "
