@@ -53,7 +53,7 @@ def member_command(overrides: list[str]) -> list[str]:
 class MemberProcess:
     """A started member: its process and the threads relaying its stdout and stderr line by line, prefixed."""
 
-    def __init__(self, member: Member, command: list[str], env: dict[str, str], prefix: str):
+    def __init__(self, member: Member, command: list[str], env: dict[str, str], prefix: str, cwd: Path | None = None):
         from alignment.runtime.preemption import die_with_parent  # here: importing it loads transformers
 
         self.member, self.prefix = member, prefix
@@ -61,7 +61,7 @@ class MemberProcess:
                                            "overrides": member.overrides})}
         # Its own session: a Ctrl-C on the terminal reaches the sweep once, which passes it on to every member
         # (each then checkpoints once); and the member dies with the sweep however the sweep ends.
-        self.process = subprocess.Popen(command, env={**os.environ, **env, **handoff}, stdout=subprocess.PIPE,
+        self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env, **handoff}, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
         self.relays = [threading.Thread(target=relay_lines, args=(stream, sink, prefix), daemon=True)
                        for stream, sink in ((self.process.stdout, sys.stdout), (self.process.stderr, sys.stderr))]

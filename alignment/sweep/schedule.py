@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from alignment.sweep.member_process import Member, MemberProcess
@@ -30,6 +31,7 @@ class Planned:
     member: Member
     command: list[str]
     prefix: str
+    cwd: Path | None = None  # hydra.job.chdir=true: the member's dir, as the basic launcher would chdir there
 
 
 @dataclass
@@ -91,7 +93,7 @@ def run_in_slots(planned: list[Planned], slots: list[Slot], grace_s: float,
                 item, slot = waiting.pop(0), free.pop(0)
                 log.info("%s starting (slot %d: %s)", item.prefix, slot.index, slot.describe())
                 running[item.member.number] = (MemberProcess(item.member, item.command, slot.environment(),
-                                                             item.prefix), slot)
+                                                             item.prefix, item.cwd), slot)
             if stop.signal_name is not None:
                 waiting.clear()
             for number, (started, slot) in list(running.items()):

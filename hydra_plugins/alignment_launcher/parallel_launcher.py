@@ -103,9 +103,13 @@ class ParallelLauncher(Launcher):
                          member_dir)
                 continue
             member = Member(member_dir.resolve(), number, own)
+            cwd = None
+            if sweep_config.hydra.job.chdir:  # as run_job would: the member runs inside its own dir
+                member.dir.mkdir(parents=True, exist_ok=True)
+                cwd = member.dir
             planned.append(Planned(member, member_command([*overrides, *member_port_override(needs, number,
                                                                                                self.slots)]),
-                                   f"[member {number}{' ' + swept if swept else ''}]"))
+                                   f"[member {number}{' ' + swept if swept else ''}]", cwd))
         at_once = min(len(self.slots), len(planned))
         log.info("Launching %d jobs locally, %d at a time (%s each)", len(job_overrides), at_once,
                  self.slots[0].size())
