@@ -58,11 +58,16 @@ def test_length_sampler_sees_every_example_once_and_groups_similar_lengths():
         groups = [order[i:i + batch] for i in range(0, len(order), batch)]
         return sum(sum(lengths[i] for i in g) for g in groups) / sum(len(g) * max(lengths[i] for i in g) for g in groups)
 
-    torch.manual_seed(0)
-    first = list(length_sampler(dataset, lengths, batch))
-    second = list(length_sampler(dataset, lengths, batch))
+    sampler = length_sampler(dataset, lengths, batch, seed=42)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
     assert sorted(first) == list(range(len(dataset))), "every example exactly once per epoch"
     assert first != second, "a new order each epoch"
+    torch.manual_seed(123)  # the global random state does not matter: the order is the seed's and the epoch's
+    again = length_sampler(dataset, lengths, batch, seed=42)
+    again.set_epoch(1)
+    assert list(again) == second
     shuffled = list(torch.randperm(len(dataset)).tolist())
     assert efficiency(first) > 0.9 > efficiency(shuffled)
 

@@ -51,11 +51,46 @@ def padded_lengths(dataset, max_length: int | None) -> list[int]:
     return [int(n) for n in lengths]
 
 
-def length_sampler(dataset, lengths: list[int], batch_size: int):
-    """transformers' length-grouped sampler over the given lengths (mega-batches of 50 batches of batch_size)."""
+def length_sampler(dataset, lengths: list[int], batch_size: int, seed: int):
+    """transformers' length-grouped sampler over the given lengths (mega-batches of 50 batches of batch_size), its
+    order a function of (seed, epoch) alone, like accelerate's seedable random sampler: not of the global random
+    state, which a reference pass that ran (or was found cached) would otherwise shift."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    return LengthGroupedSampler(batch_size, dataset=dataset, lengths=lengths)
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # called by the trainer (through accelerate) at every epoch
+            self.epoch = epoch
+
+        def __iter__(self):
+            import torch
+
+            self.generator = torch.Generator().manual_seed(seed + self.epoch)
+            return super().__iter__()
+
+    return SeededLengthGroupedSampler(batch_size, dataset=dataset, lengths=lengths)
+
+
+def epoch_callback(trainer):
+    """A callback that tells the length-aware sampler which epoch starts.
+
+    transformers hands `set_epoch` to the sampler itself only in a single process: with several, accelerate wraps
+    the batch sampler (BatchSamplerShard) and the call stops there. The trainer state's epoch at an epoch's start is
+    the epoch (a float that may sit a rounding error below it), or, on a resume mid-epoch, the epoch plus a fraction:
+    its floor is the epoch either way.
+    """
+    import math
+
+    from transformers import TrainerCallback
+
+    class _SamplerEpoch(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            sampler = getattr(trainer, "length_sampler", None)
+            if sampler is not None:
+                sampler.set_epoch(math.floor(state.epoch + 1e-6))
+
+    return _SamplerEpoch()
 
 
 def batch_tokens(inputs: dict[str, Any], packed_row: bool) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from alignment.launch.backends import arm_engine
 from alignment.records.cache import adding_derived_files
-from alignment.stages.batching import TokenTally, length_sampler, padded_lengths
+from alignment.stages.batching import TokenTally, epoch_callback, length_sampler, padded_lengths
 from alignment.config.schema import RunConfig
 from alignment.data import PreparedData, prepare
 from alignment.models.modeling import load_policy, load_tokenizer, lora_config, uses_cuda
@@ -101,7 +101,10 @@ def _our_trainer_class(trainer_class, prepared_data: Path | None, batching: str,
             if self.batching_strategy != "length" or dataset is None:
                 return super()._get_train_sampler(train_dataset)
             lengths = padded_lengths(dataset, self.args.max_length)
-            return length_sampler(dataset, lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+            self.length_sampler = length_sampler(
+                dataset, lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+            return self.length_sampler
 
         def training_step(self, model, inputs, *args, **kwargs):
             self.token_tally.add(inputs, self.packed_row)
@@ -154,6 +157,7 @@ def build_trainer(cfg: RunConfig, run: RunDir, start: StartingPoint, callbacks, 
         **(trainer_extras(data) if trainer_extras else {}),
     )
     trainer.token_tally = TokenTally()
+    trainer.add_callback(epoch_callback(trainer))
     trainer.remove_callback(PrinterCallback)  # MetricsWriter logs compact lines instead of every dict
     if not args.disable_tqdm:  # a terminal: a bar with the key metrics instead of a printed dict per step
         trainer.remove_callback(ProgressCallback)

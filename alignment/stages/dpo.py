@@ -85,8 +85,14 @@ def _trainer_class():
             runs compute the same log-probs once. The other ranks wait until the main process has checked the
             cache, so every rank sees the same file (or none) and all take part in the computation together."""
 
-            with adding_derived_files(getattr(self, "prepared_data_dir", None), self.accelerator.is_main_process,
-                                      "reference log-probs", checked=self.accelerator.wait_for_everyone):
+            import torch
+
+            # The pass iterates a DataLoader, which draws its base seed from the global RNG: without the fork, a run
+            # that computes the log-probs trains on other random numbers than one that finds them cached.
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda), adding_derived_files(
+                    getattr(self, "prepared_data_dir", None), self.accelerator.is_main_process, "reference log-probs",
+                    checked=self.accelerator.wait_for_everyone):
                 return super()._precompute_ref_logps(dataset, name, batch_size)
 
         def compute_ref_log_probs(self, model, inputs):
