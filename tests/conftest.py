@@ -18,7 +18,10 @@ def offline_environment(tmp_path_factory):
     cache = tmp_path_factory.mktemp("alignment-cache")
     saved = dict(os.environ)
     os.environ.update({"ALIGNMENT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                       "WANDB_MODE": "disabled", "HF_HUB_DISABLE_TELEMETRY": "1"})
+                       "WANDB_MODE": "disabled", "HF_HUB_DISABLE_TELEMETRY": "1",
+                       # The memory gate measures free host RAM, which other jobs on the machine change: tests other
+                       # than the gate's own (tests/test_memory_gate.py sets or removes it) see a fixed 1000 GB.
+                       "ALIGNMENT_MEMORY_CAPACITY_GB": "1000"})
     yield
     os.environ.clear()
     os.environ.update(saved)

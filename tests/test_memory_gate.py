@@ -100,11 +100,12 @@ def test_with_the_warning_setting_an_over_capacity_run_proceeds_and_finishes(tmp
     assert gate["planned_bytes_per_device"] > gate["capacity_bytes_per_device"] and gate["margin"] == MEMORY_MARGIN
 
 
-def test_the_design_docs_full_fine_tuning_command_is_refused_by_the_cli_without_loading_anything(tmp_path):
+def test_the_design_docs_full_fine_tuning_command_is_refused_by_the_cli_without_loading_anything(tmp_path, monkeypatch):
     """`python -m alignment stage=dpo model=qwen72b backend=fsdp` as written (every weight trained) on this CPU machine:
     refused for host RAM, pointing at QLoRA and the preset that uses it. Planned as a run that would download
     (HF_HUB_OFFLINE=0), with the hub endpoint pointed at a closed port and an empty HF cache: any download would
     fail or leave files there."""
+    monkeypatch.delenv(CAPACITY_ENV, raising=False)  # measured, as a user's command is
     hf_home = tmp_path / "hf"
     result = run_cli(*QWEN72B_FULL, cwd=tmp_path,
                      env={"HF_HUB_OFFLINE": "0", "HF_HOME": str(hf_home), "HF_ENDPOINT": "http://127.0.0.1:9"})
