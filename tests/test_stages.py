@@ -358,13 +358,27 @@ def test_what_the_stages_rely_on_in_trl():
     # ORPO and CPO tokenize in __init__ (no _prepare_dataset): our class guards the constructor instead.
     for trainer_class in (ORPOTrainer, CPOTrainer):
         assert not hasattr(trainer_class, "_prepare_dataset"), trainer_class
-        ours = _our_trainer_class(trainer_class, None)
+        ours = _our_trainer_class(trainer_class, None, "random", False)
         assert "__init__" in vars(ours) and "_prepare_dataset" not in vars(ours)
         assert ours.__name__ == trainer_class.__name__ and issubclass(ours, trainer_class)
     for trainer_class in (KTOTrainer, DPOTrainer):
         assert hasattr(trainer_class, "_prepare_dataset"), trainer_class
-        ours = _our_trainer_class(trainer_class, None)
+        ours = _our_trainer_class(trainer_class, None, "random", False)
         assert "_prepare_dataset" in vars(ours) and "__init__" not in vars(ours)
+
+    # Length-aware batching and padding-free DPO (alignment/stages/batching.py, padding_free.py) rely on the trainer's
+    # sampler hook, transformers' length-grouped sampler, and the fields of TRL's fused-LM-head output.
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from alignment.stages.padding_free import PER_TOKEN_FIELDS
+
+    assert "train_dataset" in inspect.signature(Trainer._get_train_sampler).parameters
+    assert {"batch_size", "dataset", "lengths", "generator"} <= set(inspect.signature(LengthGroupedSampler).parameters)
+    assert set(PER_TOKEN_FIELDS) <= {f.name for f in dataclasses.fields(FusedCausalLMOutput)}
+    ours = _our_trainer_class(DPOTrainer, None, "length", True)
+    assert {"_get_train_sampler", "training_step"} <= set(vars(ours))
 
     assert stage_named("orpo").experimental == "trl.experimental.orpo"
     assert stage_named("cpo").experimental == "trl.experimental.cpo"
