@@ -138,7 +138,7 @@ class TrainingStageConfig(StageConfig):
     save_total_limit: Optional[int] = 2
     # Which examples share a micro batch (alignment/stages/batching.py). auto: length-aware wherever the data is
     # padded (each batch drawn from examples of similar padded length: far less padding computed, but a batch is no
-    # longer an i.i.d. draw within its mega-batch of 50 batches), none needed for packed SFT rows. length: always
+    # longer an i.i.d. draw within its mega-batch of up to 50 batches), none needed for packed SFT rows. length: always
     # length-aware. random: uniform batches, exactly TRL's default order (per-step parity with a plain-TRL script).
     batching: str = "auto"
     # transformers' Liger kernels (RMSNorm, RoPE, SwiGLU in Triton; needs the liger-kernel package and a GPU).

@@ -4,9 +4,9 @@ Preference data is ragged: a pair's chosen and rejected sequences are padded to 
 batch, so random batches of a dataset like ultrafeedback compute mostly padding (bench/padding.py measures it).
 Length-aware batching feeds transformers' `LengthGroupedSampler` with each example's padded length (for a pair:
 prompt plus the longer answer, cut at max_length, which is what TRL's collator pads to): indices are shuffled,
-cut into mega-batches of up to 50 optimizer batches, and sorted by length inside each, so the batches of a step
-hold examples of similar length while the order across mega-batches stays random and every example is still seen
-once per epoch. What it changes: a batch is no longer an i.i.d. draw within its mega-batch (long examples train
+cut into mega-batches of up to 50 optimizer batches (transformers: at most a quarter of the epoch, so fewer on a
+small dataset), and sorted by length inside each, so the batches of a step hold examples of similar length while the
+order across mega-batches stays random and every example is still seen once per epoch. What it changes: a batch is no longer an i.i.d. draw within its mega-batch (long examples train
 together), and the batch with the longest example comes first, so an out-of-memory error shows at step 1.
 `stage.batching=random` keeps TRL's own sampler, for step-by-step parity with a plain-TRL script.
 
@@ -52,7 +52,7 @@ def padded_lengths(dataset, max_length: int | None) -> list[int]:
 
 
 def length_sampler(dataset, lengths: list[int], batch_size: int, seed: int):
-    """transformers' length-grouped sampler over the given lengths (mega-batches of 50 batches of batch_size), its
+    """transformers' length-grouped sampler over the given lengths (mega-batches of up to 50 batches of batch_size), its
     order a function of (seed, epoch) alone, like accelerate's seedable random sampler: not of the global random
     state, which a reference pass that ran (or was found cached) would otherwise shift."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
