@@ -259,7 +259,11 @@ def test_corrupted_tokenized_data_and_reference_log_probs_are_computed_again_nev
     cases = [(f"reference-{name}", reference_file, damage) for name, damage in CORRUPTIONS.items()]
     cases.append(("reference-shifted", reference_file,
                   lambda p: _shift_arrow(p, ("ref_chosen_logps",), 1.0)))  # every chosen log-prob off by 1 nat
-    cases += [(f"tokenized-{name}", tokenized_files[-1], damage) for name, damage in CORRUPTIONS.items()]
+    # The tokenized rows themselves: the largest file. (TRL's filter after tokenization writes a small indices file
+    # whose name hashes the whole DPOConfig, run dir included, so each run writes its own; only the tokenized rows'
+    # name is the same from run to run, so only damage to them reaches the next run.)
+    tokenized = max(tokenized_files, key=lambda p: p.stat().st_size)
+    cases += [(f"tokenized-{name}", tokenized, damage) for name, damage in CORRUPTIONS.items()]
     for name, path, damage in cases:
         assert path.exists(), (name, sorted(p.name for p in path.parent.glob("cache-*")), _builds(own_cache))
         damage(path)
