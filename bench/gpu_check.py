@@ -499,24 +499,15 @@ def skip_reason(config: Config, env_info: dict, toy: bool) -> Optional[str]:
     return None
 
 
+# How each kind of number is printed in the report.
+FORMATS = {"s": "{:.1f}".format, "tok": "{:,.0f}".format, "frac": "{:.3f}".format, "ratio": "{:.2f}".format,
+           "loss": "{:.4f}".format, "pct": lambda v: f"{100 * v:.1f}%", "gb": lambda v: f"{v / 1e9:.2f} GB"}
+
+
 def fmt(value: Any, kind: str) -> str:
     if value is None:
         return "n/a"
-    if kind == "s":
-        return f"{value:.1f}"
-    if kind == "tok":
-        return f"{value:,.0f}"
-    if kind == "frac":
-        return f"{value:.3f}"
-    if kind == "pct":
-        return f"{100 * value:.1f}%"
-    if kind == "gb":
-        return f"{value / 1e9:.2f} GB"
-    if kind == "ratio":
-        return f"{value:.2f}"
-    if kind == "loss":
-        return f"{value:.4f}"
-    return str(value)
+    return FORMATS.get(kind, str)(value)
 
 
 COLUMNS = ("config", "status", "train s", "real tok/s", "padding eff.", "MFU", "peak alloc", "planned",
