@@ -72,7 +72,8 @@ def test_a_refused_multi_process_run_starts_no_rank(tmp_path):
 
 
 @pytest.mark.slow  # two ranks train the tiny twin for 3 steps
-def test_launched_ranks_use_the_launching_process_measurement(tmp_path):
+def test_launched_ranks_use_the_launching_process_measurement(tmp_path, monkeypatch):
+    monkeypatch.delenv(CAPACITY_ENV, raising=False)  # measured, as a user's command is
     run_dir = tmp_path / "run"
     result = run_cli(*SHORT_DPO, *TWO_PROCESSES, "model.gradient_checkpointing=auto", f"run_dir={run_dir}",
                      cwd=tmp_path)
