@@ -146,8 +146,7 @@ def run_stage(cfg: RunConfig, callbacks=()) -> StageOutcome:
             raise Interrupted(stop.signal_name, stopper.stopped_at, newest_complete_checkpoint(run))
         update_summary(run, distributed=engine_report(trainer, cfg), timing=metrics_writer.timing,
                        cuda_memory=_cuda_memory(cfg),
-                       **trainer.token_tally.summary(trainer.accelerator, trainer.batching_strategy,
-                                                     bool(getattr(cfg.stage, "padding_free", False)),
+                       **trainer.token_tally.summary(trainer.accelerator, trainer.batching_strategy, trainer.packed_row,
                                                      metrics_writer.train_summary.get("train_runtime")))
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
         save_model(trainer, run.model)

@@ -6,8 +6,9 @@ Length-aware batching feeds transformers' `LengthGroupedSampler` with each examp
 prompt plus the longer answer, cut at max_length, which is what TRL's collator pads to): indices are shuffled,
 cut into mega-batches of up to 50 optimizer batches (transformers: at most a quarter of the epoch, so fewer on a
 small dataset), and sorted by length inside each, so the batches of a step hold examples of similar length while the
-order across mega-batches stays random and every example is still seen once per epoch. What it changes: a batch is no longer an i.i.d. draw within its mega-batch (long examples train
-together), and the batch with the longest example comes first, so an out-of-memory error shows at step 1.
+order across mega-batches stays random and every example is still seen once per epoch. What it changes: a batch is
+no longer an i.i.d. draw within its mega-batch (long examples train together), and the batch with the longest
+example comes first, so an out-of-memory error shows at step 1.
 `stage.batching=random` keeps TRL's own sampler, for step-by-step parity with a plain-TRL script.
 
 The tally counts, per training micro batch, the real tokens (attention mask) and the tokens the model computes
@@ -123,13 +124,13 @@ class TokenTally:
         self.real += real
         self.computed += computed
 
-    def summary(self, accelerator, strategy: str, padding_free: bool, train_seconds: float | None) -> dict:
+    def summary(self, accelerator, strategy: str, packed_row: bool, train_seconds: float | None) -> dict:
         """Totals over all processes (a collective: every rank calls it), for summary.json."""
         import torch
 
         totals = torch.tensor([self.real, self.computed], dtype=torch.float64, device=accelerator.device)
         real, computed = (int(v) for v in accelerator.reduce(totals, reduction="sum").tolist())
-        batching = {"strategy": strategy, "padding_free": padding_free, "real_tokens": real,
+        batching = {"strategy": strategy, "padding_free": packed_row, "real_tokens": real,
                     "computed_tokens": computed,
                     "padding_efficiency": round(real / computed, 4) if computed else None}
         throughput = None

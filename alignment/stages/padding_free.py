@@ -118,9 +118,9 @@ def add_padding_free_forward(model) -> None:
         packed_labels[0, packing.starts] = -100  # a sequence's first token is never scored against the one before
         input_ids = packing.pack(kwargs["input_ids"])
         boundaries = torch.cat([packing.starts, packing.lengths.sum()[None]]).to(torch.int32)
+        longest = int(packing.lengths.max())
         kwargs.update(input_ids=input_ids, position_ids=packing.position_ids(), cu_seq_lens_q=boundaries,
-                      cu_seq_lens_k=boundaries, max_length_q=int(packing.lengths.max()),
-                      max_length_k=int(packing.lengths.max()),
+                      cu_seq_lens_k=boundaries, max_length_q=longest, max_length_k=longest,
                       # flash-attention: no mask, boundaries from the arguments above. sdpa_varlen: an all-ones 2-D
                       # mask, for which transformers builds no mask at all (plain causal) and does not try to infer
                       # packing from the position ids (which would build a tokens × tokens mask).
